@@ -1,0 +1,32 @@
+// The Python module deeparch_kernels._C. Its import registers the C++ and CUDA kernels with the
+// dispatcher (TORCH_LIBRARY_IMPL blocks in the other sources); the schemas themselves are defined
+// in Python (deeparch_kernels/ops/), so the package works, on its other backends, without this
+// module. build_info() lets Python detect a stale or mismatched build.
+#include <Python.h>
+#include <torch/types.h>
+
+#include "common.h"
+
+#ifndef DEEPARCH_WITH_CUDA
+#define DEEPARCH_WITH_CUDA 0
+#endif
+#ifndef DEEPARCH_TORCH_MAJOR
+#define DEEPARCH_TORCH_MAJOR 0
+#define DEEPARCH_TORCH_MINOR 0
+#endif
+
+static PyObject* build_info(PyObject*, PyObject*) {
+  // The torch major.minor the extension was compiled against: its ABI is not stable across them.
+  return Py_BuildValue("{s:i,s:O,s:(ii)}", "api_version", DEEPARCH_API_VERSION, "cuda",
+                       DEEPARCH_WITH_CUDA ? Py_True : Py_False, "torch_version",
+                       DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                        "deeparch-kernels C++/CUDA kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

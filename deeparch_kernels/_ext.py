@@ -1,0 +1,71 @@
+"""Loads the compiled extension ``deeparch_kernels._C`` if it is there and fresh.
+
+Importing the package never fails because of the extension: when it is missing, stale (built
+for another API version or another torch) or fails to load, the C++ backends report themselves
+unavailable with the reason, and everything else keeps working.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+log = logging.getLogger("deeparch_kernels")
+
+API_VERSION = 1  # must match DEEPARCH_API_VERSION in csrc/common.h
+
+_state: dict = {"loaded": False, "cuda": False, "reason": "not loaded yet", "info": None}
+
+
+def load() -> None:
+    """Import ``_C`` once. The op schemas must be defined before this runs (ops/ does that)."""
+    if _state["info"] is not None or _state["reason"] != "not loaded yet":
+        return
+    try:
+        mod = importlib.import_module("deeparch_kernels._C")
+    except ImportError as e:
+        _state["reason"] = (f"the C++ extension deeparch_kernels._C is not built ({e}); "
+                            "install with `pip install --no-build-isolation .`")
+        log.info(_state["reason"])
+        return
+    except OSError as e:  # e.g. undefined symbols: built against another torch
+        _state["reason"] = f"the C++ extension failed to load ({e}); rebuild it"
+        log.warning(_state["reason"])
+        return
+    info = mod.build_info()
+    _state["info"] = info
+    torch_mm = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if info["api_version"] != API_VERSION:
+        _state["reason"] = (f"the C++ extension is stale (API {info['api_version']}, package wants "
+                            f"{API_VERSION}); rebuild with `pip install --no-build-isolation .`")
+    elif tuple(info["torch_version"]) != torch_mm:
+        _state["reason"] = (f"the C++ extension was built for torch {info['torch_version']}, "
+                            f"this is torch {torch.__version__}; rebuild it")
+    else:
+        _state.update(loaded=True, cuda=bool(info["cuda"]), reason="")
+        return
+    log.warning(_state["reason"])
+
+
+def cpu_reason() -> str | None:
+    """Why the C++ CPU kernels can't run, or None when they can."""
+    load()
+    return None if _state["loaded"] else _state["reason"]
+
+
+def cuda_reason() -> str | None:
+    """Why the C++ CUDA kernels can't run, or None when they can."""
+    load()
+    if not _state["loaded"]:
+        return _state["reason"]
+    if not _state["cuda"]:
+        return "the C++ extension was built without CUDA (CPU sources only)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def build_info() -> dict | None:
+    load()
+    return _state["info"]

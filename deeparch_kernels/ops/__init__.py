@@ -1,0 +1,17 @@
+"""The op registry: every ``deeparch::`` custom op — schema, fake (meta) implementation,
+autograd, and the backend implementations registered with the dispatch rule
+(deeparch_kernels.backends). One file per op:
+
+  add_relu.py      deeparch::add_relu, deeparch::add_relu_, deeparch::add_relu_triton(_)
+  conv.py          deeparch::fused_conv2d, deeparch::fused_conv2d_triton
+
+The C++ CPU/CUDA implementations live in csrc/ and register themselves for these schemas
+(TORCH_LIBRARY_IMPL) when deeparch_kernels._C is imported, which happens here, after the
+schemas are defined.
+"""
+from ._lib import lib  # noqa: F401  (defines the deeparch namespace)
+from .add_relu import add_relu, add_relu_  # noqa: F401
+from .conv import fused_conv2d  # noqa: F401
+from .. import _ext
+
+_ext.load()
