@@ -35,17 +35,24 @@ def load() -> None:
         return
     info = mod.build_info()
     _state["info"] = info
-    torch_mm = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if info["api_version"] != API_VERSION:
-        _state["reason"] = (f"the C++ extension is stale (API {info['api_version']}, package wants "
-                            f"{API_VERSION}); rebuild with `pip install --no-build-isolation .`")
-    elif tuple(info["torch_version"]) != torch_mm:
-        _state["reason"] = (f"the C++ extension was built for torch {info['torch_version']}, "
-                            f"this is torch {torch.__version__}; rebuild it")
-    else:
+    reason = stale_reason(info)
+    if reason is None:
         _state.update(loaded=True, cuda=bool(info["cuda"]), reason="")
-        return
-    log.warning(_state["reason"])
+    else:
+        _state["reason"] = reason
+        log.warning(reason)
+
+
+def stale_reason(info: dict, torch_version: str = torch.__version__) -> str | None:
+    """Why an extension with this build_info() must not be used, or None."""
+    torch_mm = tuple(int(v) for v in torch_version.split("+")[0].split(".")[:2])
+    if info.get("api_version") != API_VERSION:
+        return (f"the C++ extension is stale (API {info.get('api_version')}, the package wants "
+                f"{API_VERSION}); rebuild with `pip install --no-build-isolation .`")
+    if tuple(info.get("torch_version", ())) != torch_mm:
+        return (f"the C++ extension was built for torch {info.get('torch_version')}, this is torch "
+                f"{torch_version}; rebuild with `pip install --no-build-isolation .`")
+    return None
 
 
 def cpu_reason() -> str | None:

@@ -36,3 +36,16 @@ def check_same_format(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor
         raise ValueError(f"{op}: {name} is {'/'.join(sorted(b))} but {ref_name} is "
                          f"{'/'.join(sorted(a))}; mixed memory formats are not supported: convert "
                          f"{name} with .contiguous(memory_format=...)")
+
+
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill one block of memory with no gaps or overlaps, in some dim
+    order (what a flat kernel can walk): the strides, sorted, are the running product of sizes."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

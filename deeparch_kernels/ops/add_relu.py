@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ._lib import HAS_TRITON, check, check_same_format, lib
+from ._lib import HAS_TRITON, check, check_same_format, is_non_overlapping_and_dense, lib
 
 OP = "add_relu"
 
@@ -61,7 +61,7 @@ torch.library.register_autograd("deeparch::add_relu", _backward, setup_context=_
 
 def _dense_like(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """t in out's (dense) layout, so one flat kernel walks both."""
-    if t.stride() == out.stride() and t.is_non_overlapping_and_dense():
+    if t.stride() == out.stride() and is_non_overlapping_and_dense(t):
         return t
     return torch.empty_like(out).copy_(t)
 
@@ -76,11 +76,14 @@ if HAS_TRITON:
 
     @torch.library.triton_op("deeparch::add_relu_triton_", mutates_args={"x"})
     def add_relu_triton_(x: torch.Tensor, identity: torch.Tensor) -> None:
-        if x.is_non_overlapping_and_dense():
+        if is_non_overlapping_and_dense(x):
             _tk.add_relu(x, _dense_like(identity, x), x)
         else:
             x.copy_(add_relu_triton(x, identity))
 
+    # Explicit fakes: the derived ones would run the kernel on fake tensors under the interpreter.
+    add_relu_triton.register_fake(_add_relu_fake)
+    add_relu_triton_.register_fake(_add_relu_inplace_fake)
     torch.library.register_autograd("deeparch::add_relu_triton", _backward,
                                     setup_context=_setup_context)
 

@@ -84,6 +84,7 @@ if HAS_TRITON:
         y = _tk.fused_conv2d(x, weight, bias, residual, stride, padding, relu)  # channels_last
         return y.contiguous(memory_format=output_memory_format(x, weight))
 
+    fused_conv2d_triton.register_fake(_fake)  # the derived fake would run the interpreter
     torch.library.register_autograd("deeparch::fused_conv2d_triton", _backward,
                                     setup_context=_setup_context)
 

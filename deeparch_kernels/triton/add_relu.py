@@ -9,9 +9,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._common import cast_out, exact_bf16
+
 
 @triton.jit
-def add_relu_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+def add_relu_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -19,11 +21,11 @@ def add_relu_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
     b = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
     v = a + b
     v = tl.where(v < 0.0, 0.0, v)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_out(v, out_ptr, EXACT_BF16), mask=mask)
 
 
 def _block(n: int, device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":  # interpreter: few, large programs
+    if device.type != "cuda":  # the CPU interpreter: few, large programs
         return 8192, 4
     return (4096, 8) if n >= (1 << 22) else (1024, 4)
 
@@ -36,5 +38,6 @@ def add_relu(x: torch.Tensor, identity: torch.Tensor, out: torch.Tensor) -> torc
         return out
     block, warps = _block(n, out.device)
     grid = (triton.cdiv(n, block),)
-    wrap_triton(add_relu_kernel)[grid](x, identity, out, n, BLOCK=block, num_warps=warps)
+    wrap_triton(add_relu_kernel)[grid](x, identity, out, n, BLOCK=block,
+                                       EXACT_BF16=exact_bf16(out.dtype), num_warps=warps)
     return out
