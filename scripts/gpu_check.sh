@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU check, run on the lent H100/H200 (device tool) from the repo root:
+#   build the extension there, run the GPU tests, run compute-sanitizer on the CUDA kernels,
+#   run the benchmark suite, and leave the results under $OUT (at most 8 files come back).
+# Budget: well inside 10 minutes. Each step is timed and logged; a failing step does not stop
+# the later ones (their logs are what we need), but the script's exit code reports it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # this card only: each arch costs minutes
+export MAX_JOBS=${MAX_JOBS:-16}
+status=0
+step() {  # step NAME LOG CMD...: run CMD, log to $OUT/LOG, time it
+  local name=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name" | tee -a "$OUT/$log"
+  "$@" >>"$OUT/$log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$log" "$OUT/summary.txt"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"; } \
+  > "$OUT/summary.txt" 2>&1
+
+step build build.log python3 -m pip install -v --no-deps --no-build-isolation -e . || { tail -40 "$OUT/build.log"; exit 1; }
+python3 -c "import deeparch_kernels as dk; print(dk.available_backends())" | tee -a "$OUT/summary.txt"
+
+# GPU tests first (fast feedback), then the whole suite on the GPU.
+step tests tests.log python3 -m pytest tests -q -x -p no:cacheprovider --durations=15
+
+# compute-sanitizer on the CUDA kernels (memcheck, then racecheck) over small shapes.
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py
+  step racecheck sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py
+fi
+
+# The main job: verify + benchmark, JSON + markdown straight into $OUT.
+step bench bench.log python3 -m deeparch_kernels --out "$OUT/bench"
+for f in "$OUT"/bench/*.json "$OUT"/bench/*.md; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+rm -rf "$OUT/bench"
+echo "gpu_check: status $status" | tee -a "$OUT/summary.txt"
+exit $status
