@@ -8,6 +8,9 @@ Environment switches (flash-attention style):
   DEEPARCH_DEBUG=1          -O0 -g, and -lineinfo for the CUDA sources
   TORCH_CUDA_ARCH_LIST      CUDA archs, default "8.0;9.0" (Ampere + Hopper), PTX for the newest
   MAX_JOBS                  parallel compile jobs, default from cores and free memory
+  DEEPARCH_CPU_ISA          "avx2" or "default": the at::vec ISA of the CPU kernels; default avx2
+                            when the building machine has AVX2, FMA and F16C (pip builds on the machine
+                            that runs it; set "default" to build a portable binary)
   CUDA_HOME                 the CUDA toolkit; defaults to /usr/local/cuda when nvcc is there
 """
 import glob
@@ -39,6 +42,18 @@ if "MAX_JOBS" not in os.environ:
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 3))))
 
 
+def _cpu_isa():
+    isa = os.environ.get("DEEPARCH_CPU_ISA")
+    if isa:
+        return isa
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "default"
+
+
 def _extensions():
     if _flag("DEEPARCH_SKIP_BUILD"):
         _say("DEEPARCH_SKIP_BUILD=1: no C++/CUDA extension; Triton/ATen/reference backends only.")
@@ -68,6 +83,11 @@ def _extensions():
     macros = [("DEEPARCH_TORCH_MAJOR", major), ("DEEPARCH_TORCH_MINOR", minor),
               ("DEEPARCH_WITH_CUDA", "1" if with_cuda else "0")]
     cxx = list(opt)  # the C++ standard is torch's choice (C++20 for torch >= 2.12)
+    cxx.append("-fopenmp")  # at::parallel_for is header-inline OpenMP: without it, one thread
+    isa = _cpu_isa()
+    if isa == "avx2":  # at::vec picks its ISA at compile time (torch does the same per kernel file)
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    _say(f"CPU kernels: at::vec ISA {isa} (DEEPARCH_CPU_ISA), OpenMP on.")
     if with_cuda:
         nvcc = opt + ["--expt-relaxed-constexpr", "-Xptxas=-v" if _flag("DEEPARCH_PTXAS_VERBOSE") else ""]
         nvcc = [f for f in nvcc if f] + (["-lineinfo"] if debug else [])

@@ -184,6 +184,32 @@ def call(op: str, backend: str, device: torch.device, key: tuple, args: Sequence
     return _IMPLS[op][name](*args)
 
 
+# The hot path: (op, backend, every argument's device/dtype/shape/strides, flags) -> the
+# implementation chosen for it. A hit means these exact inputs were validated and dispatched
+# before, so a repeat call costs one tuple and one dict lookup on top of the kernel.
+_FAST: Dict[tuple, Callable] = {}
+_FAST_MAX = 8192
+
+
+def tensor_sig(t: Optional[torch.Tensor]):
+    return None if t is None else (t.device, t.dtype, t.shape, t.stride())
+
+
+def fast_lookup(key: tuple) -> Optional[Callable]:
+    if torch.compiler.is_compiling():
+        return None  # traced code takes the full path (shapes may be symbolic)
+    return _FAST.get(key)
+
+
+def fast_store(key: tuple, op: str, name: str) -> Callable:
+    impl = _IMPLS[op][name]
+    if not torch.compiler.is_compiling():
+        if len(_FAST) >= _FAST_MAX:
+            _FAST.clear()
+        _FAST[key] = impl
+    return impl
+
+
 def cached_choices() -> Mapping[tuple, str]:
     """What ``auto`` has picked so far: (op, device, shape key) -> backend."""
     return dict(_CHOICE)
@@ -191,3 +217,4 @@ def cached_choices() -> Mapping[tuple, str]:
 
 def clear_cache() -> None:
     _CHOICE.clear()
+    _FAST.clear()

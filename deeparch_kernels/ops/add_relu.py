@@ -105,20 +105,20 @@ def _reference_(x, identity):
 
 
 _OUT_OF_PLACE = {
-    "cuda": lambda x, i: torch.ops.deeparch.add_relu(x, i),
-    "cpu": lambda x, i: torch.ops.deeparch.add_relu(x, i),
+    "cuda": torch.ops.deeparch.add_relu.default,
+    "cpu": torch.ops.deeparch.add_relu.default,
     "aten": _aten,
     "reference": _reference,
 }
 _IN_PLACE = {
-    "cuda": lambda x, i: torch.ops.deeparch.add_relu_(x, i),
-    "cpu": lambda x, i: torch.ops.deeparch.add_relu_(x, i),
+    "cuda": torch.ops.deeparch.add_relu_.default,
+    "cpu": torch.ops.deeparch.add_relu_.default,
     "aten": _aten_,
     "reference": _reference_,
 }
 if HAS_TRITON:
-    _OUT_OF_PLACE["triton"] = lambda x, i: torch.ops.deeparch.add_relu_triton(x, i)
-    _IN_PLACE["triton"] = lambda x, i: torch.ops.deeparch.add_relu_triton_(x, i)
+    _OUT_OF_PLACE["triton"] = torch.ops.deeparch.add_relu_triton.default
+    _IN_PLACE["triton"] = torch.ops.deeparch.add_relu_triton_.default
 
 for _name, _fn in _OUT_OF_PLACE.items():
     backends.register(OP, _name, _fn)
@@ -134,8 +134,16 @@ def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") 
     NaN and Inf come out exactly as ``torch.relu(x + identity)`` gives them. Differentiable in
     both inputs. ``backend``: "auto" or one of deeparch_kernels.backends.BACKENDS.
     """
-    _check_args("add_relu", x, identity)
-    return backends.call(OP, backend, x.device, _key(x), (x, identity))
+    try:
+        fast = (OP, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
+    except AttributeError:  # not tensors: the checks below say so
+        fast = None
+    fn = backends.fast_lookup(fast) if fast is not None else None
+    if fn is None:
+        _check_args("add_relu", x, identity)
+        name = backends.choose(OP, backend, x.device, _key(x), (x, identity))
+        fn = backends.fast_store(fast, OP, name) if fast is not None else _OUT_OF_PLACE[name]
+    return fn(x, identity)
 
 
 def add_relu_(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -107,12 +107,12 @@ def _cuda_supports(x, weight, *_):
     return None
 
 
-backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d)
-backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d, _cuda_supports)
+backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d.default)
+backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _cuda_supports)
 backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 if HAS_TRITON:
-    backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton)
+    backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default)
 
 
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
@@ -175,6 +175,24 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     dilation other than 1 raise NotImplementedError. ``backend``: "auto" or one of
     deeparch_kernels.backends.BACKENDS.
     """
+    sig = backends.tensor_sig
+    try:
+        fast = (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
+                dilation, groups)
+        fn = backends.fast_lookup(fast)
+    except (AttributeError, TypeError):  # not tensors, or unhashable arguments: checked below
+        fast, fn = None, None
+    if fn is None:
+        fn, stride, padding = _resolve(x, weight, bias, residual, stride, padding, relu, dilation,
+                                       groups, backend, fast)
+    elif padding is None:
+        padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    s, p = _pair(stride, "stride"), _pair(padding, "padding")
+    return fn(x, weight, bias, residual, [s[0], s[1]], [p[0], p[1]], relu)
+
+
+def _resolve(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast):
+    """The slow path of fused_conv2d: validate, pick the backend, remember the pick."""
     stride = _pair(stride, "stride")
     dilation = _pair(dilation, "dilation")
     if padding is None:
@@ -185,5 +203,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     _check_args(x, weight, bias, residual, stride, padding, dilation, groups)
     key = (x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding, bias is not None,
            residual is not None, relu, output_memory_format(x, weight))
-    return backends.call(OP, backend, x.device, key,
-                         (x, weight, bias, residual, list(stride), list(padding), relu))
+    args = (x, weight, bias, residual, list(stride), list(padding), relu)
+    name = backends.choose(OP, backend, x.device, key, args)
+    fn = backends.fast_store(fast, OP, name) if fast is not None else backends._IMPLS[OP][name]
+    return fn, stride, padding
