@@ -1,0 +1,313 @@
+"""Fused convolution in Triton: ``y = relu?(conv2d(x, w, stride, padding) + bias + residual)``.
+
+Implicit GEMM over NHWC (groups=1, dilation=1, any kernel size and stride):
+
+  * GEMM rows    m = (n, ho, wo)   M = N * Ho * Wo
+  * GEMM columns k = out channel   K
+  * reduction    (r, s, c)         KH * KW * C, c fastest (x and weight are channels_last)
+
+Each program owns one [BLOCK_M, BLOCK_N] output tile (programs that share the same rows of x
+are launched next to each other, so the gathered activations are reused from L2). Its single
+reduction loop walks the filter taps (r, s) and, inside each tap, C in BLOCK_C slices: the A
+tile [BLOCK_M, BLOCK_C] is gathered from x at (n, ho*sh - ph + r, wo*sw - pw + s, c) with a
+mask for the image border / padding and c >= C (masked values are 0), the B tile
+[BLOCK_C, BLOCK_N] is read from weight[k, r, s, c], and ``tl.dot`` accumulates in fp32.
+One flat loop (not a loop per tap) lets Triton software-pipeline it across taps.
+
+Epilogue (Triton tutorial 03 pattern), on the fp32 accumulator before the single down-cast:
+``+ bias[k]``, ``+ residual`` (loaded, widened to fp32), then ReLU as ``where(v < 0, 0, v)``,
+which lets NaN through exactly as torch.relu does. Base offsets are 64-bit.
+
+Precision: fp16/bf16 tiles go to the tensor cores as they are; fp32 uses TF32 iff
+``torch.backends.cudnn.allow_tf32`` (torch's rule for convolutions), else exact fp32 ("ieee").
+Triton's CPU interpreter (TRITON_INTERPRET=1) keeps bf16 as raw uint16 bits and its ``tl.dot``
+multiplies those bits as integers, so there (only) both tiles are widened to fp32 before the
+dot (DOT_FP32) and the output is rounded to bf16 by hand (``cast_out``); on the GPU both
+constexprs are False and compile away.
+
+``fused_conv2d`` is the launcher; ``conv_configs()`` the autotuning candidates;
+``conv_kernel`` the plain JIT kernel (``config=`` forces one configuration with it) and
+``conv_kernel_autotuned`` the autotuned one.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import cast_out, exact_bf16, interpreting
+
+_OP = "fused_conv2d"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_C")
+
+
+def conv_configs() -> list:
+    """Autotuning candidates (the GPU tests run every one of them for correctness).
+
+    All fit an H100/H200's 227 KB of shared memory in fp32 too (stages * (BM*BC + BC*BN) *
+    4 bytes <= 192 KB), and none spills registers for fp16/bf16/TF32 (3x3, C % 16 == 0,
+    compiled for sm_90 with Triton 3.8, no GPU needed; 128x256 and 256x128 tiles did spill, so
+    they are not here). Large tiles for big M and K = 128..512, narrow ones for small M (e.g.
+    512x7x7 at batch 1, M = 49) so that more programs run, and BLOCK_C = 16 for the C = 3 stem.
+    """
+    c = triton.Config
+    return [
+        # num_warps=8, large tiles
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 32}, num_warps=8, num_stages=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+        c({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=8, num_stages=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_C": 32}, num_warps=8, num_stages=3),
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
+        # num_warps=4, medium tiles
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4, num_stages=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_C": 32}, num_warps=4, num_stages=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4, num_stages=3),
+        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4, num_stages=4),
+        # small M (late layers at batch 1)
+        c({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_C": 64}, num_warps=4, num_stages=4),
+        c({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_C": 64}, num_warps=4, num_stages=3),
+        c({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 64}, num_warps=4, num_stages=4),
+        # small C (the 7x7 stem, C = 3)
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 16}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.jit
+def conv_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    N, H, W, C, K, Ho, Wo,
+    SH, SW, PH, PW,
+    sxn, sxc, sxh, sxw,  # x (N, C, H, W) strides
+    swk, swc, swh, sww,  # weight (K, C, KH, KW) strides
+    srn, src, srh, srw,  # residual (N, K, Ho, Wo) strides
+    syn, syk, syh, syw,  # y (N, K, Ho, Wo) strides
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, EXACT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program -> output tile; the K tiles of one row block are neighbours (x reuse in L2).
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    M = N * Ho * Wo
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M may pass 2^31
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    m_mask = offs_m < M
+    n_mask = offs_n < K
+
+    # Row m -> (n, ho, wo), and the top-left input pixel of its receptive field.
+    hw = Ho * Wo
+    n_img = offs_m // hw
+    rem = offs_m - n_img * hw
+    ho = (rem // Wo).to(tl.int32)
+    wo = (rem % Wo).to(tl.int32)
+    hi0 = ho * SH - PH
+    wi0 = wo * SW - PW
+    # 64-bit base of each row's receptive field in x (may point before the row: masked).
+    x_row = n_img * sxn + hi0.to(tl.int64) * sxh + wi0.to(tl.int64) * sxw
+    w_col = offs_n.to(tl.int64) * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    for it in range(0, KH * KW * num_cb):
+        tap = it // num_cb
+        c0 = (it - tap * num_cb) * BLOCK_C
+        r = tap // KW
+        s = tap - r * KW
+        hi = hi0 + r
+        wi = wi0 + s
+        row_ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        cc = c0 + offs_c
+        c_ok = cc < C
+
+        a_ptrs = x_ptr + (x_row[:, None] + (r * sxh + s * sxw + cc * sxc)[None, :])
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b_ptrs = w_ptr + (w_col[None, :] + (r * swh + s * sww + cc * swc)[:, None])
+        b = tl.load(b_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:  # interpreter only: its dot cannot multiply bf16 (raw uint16 there)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue on the fp32 accumulator.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_row = n_img * srn + ho.to(tl.int64) * srh + wo.to(tl.int64) * srw
+        res = tl.load(r_ptr + (r_row[:, None] + (offs_n.to(tl.int64) * src)[None, :]),
+                      mask=out_mask, other=0.0).to(tl.float32)
+        acc += res
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN < 0 is False: NaN passes, as in torch.relu
+
+    y_row = n_img * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+    y_ptrs = y_ptr + (y_row[:, None] + (offs_n.to(tl.int64) * syk)[None, :])
+    tl.store(y_ptrs, cast_out(acc, y_ptr, EXACT_BF16), mask=out_mask)
+
+
+conv_kernel_autotuned = triton.autotune(
+    configs=conv_configs(),
+    key=["N", "H", "W", "C", "K", "Ho", "Wo", "SH", "SW", "PH", "PW", "KH", "KW",
+         "HAS_BIAS", "HAS_RES", "INPUT_PRECISION"],  # tensor dtypes are added by Triton
+)(conv_kernel)
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def interpreter_config(M: int, K: int, C: int) -> dict:
+    """The one configuration used under TRITON_INTERPRET=1: few, large programs (the
+    interpreter's time grows with the number of programs and loop trips, not tile size)."""
+    return {"BLOCK_M": _pow2_clamp(M, 16, 128), "BLOCK_N": _pow2_clamp(K, 16, 128),
+            "BLOCK_C": _pow2_clamp(C, 16, 64), "num_warps": 4, "num_stages": 1}
+
+
+def _config_kwargs(config: Union[Mapping, "triton.Config"]) -> dict:
+    if isinstance(config, triton.Config):
+        kw = dict(config.kwargs)
+        kw["num_warps"], kw["num_stages"] = config.num_warps, config.num_stages
+    elif isinstance(config, Mapping):
+        kw = dict(config)
+    else:
+        raise TypeError(f"{_OP}: config must be a dict or a triton.Config, got {type(config).__name__}")
+    missing = [k for k in _CONFIG_KEYS if k not in kw]
+    extra = sorted(set(kw) - set(_CONFIG_KEYS) - {"num_warps", "num_stages"})
+    if missing or extra:
+        raise ValueError(f"{_OP}: config needs {list(_CONFIG_KEYS)} (+ optional num_warps, "
+                         f"num_stages); missing {missing}, unknown {extra}")
+    for k in _CONFIG_KEYS:
+        v = kw[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"{_OP}: config[{k!r}] must be a power of two >= 16, got {v!r}")
+    kw.setdefault("num_warps", 4)
+    kw.setdefault("num_stages", 3)
+    return kw
+
+
+def _pair(v, name: str) -> tuple:
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise TypeError(f"{_OP}: {name} must be a sequence of 2 ints, got {v!r}") from None
+    for i in (a, b):
+        if isinstance(i, bool) or not isinstance(i, (int, torch.SymInt)):
+            raise TypeError(f"{_OP}: {name} must be a sequence of 2 ints, got {v!r}")
+    return a, b
+
+
+def _check(x, weight, bias, residual, stride, padding):
+    """Validates the arguments; returns (sh, sw), (ph, pw) and the output shape."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{_OP}: weight must be 4-D (K, C, kh, kw), got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{_OP}: x is on {x.device}; the Triton kernel needs a CUDA tensor "
+                         "(or TRITON_INTERPRET=1 for CPU tensors)")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} must be on x's device {x.device}, got {t.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"{_OP}: stride must be >= 1, got ({sh}, {sw})")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"{_OP}: padding must be >= 0, got ({ph}, {pw})")
+    N, C, H, W = x.shape
+    K, Cw, kh, kw = weight.shape
+    if Cw != C:
+        raise ValueError(f"{_OP}: weight must be (K, C, kh, kw) with C = x's {C} channels, got "
+                         f"shape {tuple(weight.shape)} (groups != 1 is not supported)")
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise ValueError(f"{_OP}: the padded input ({H + 2 * ph}x{W + 2 * pw}) is smaller than "
+                         f"the weight's kernel ({kh}x{kw})")
+    out_shape = (N, K, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise ValueError(f"{_OP}: bias must have shape (K,) = ({K},), got {tuple(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"{_OP}: residual must have shape (N, K, Ho, Wo) = {out_shape}, got "
+                         f"{tuple(residual.shape)}")
+    return (sh, sw), (ph, pw), out_shape
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if interpreting():
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; for fp16/bf16 operands it has no effect
+
+
+def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                 relu: bool, *, config: Optional[Union[Mapping, "triton.Config"]] = None
+                 ) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, stride, padding) + bias + residual)``, returned channels_last.
+
+    x (N, C, H, W), weight (K, C, kh, kw), bias (K,) or None, residual (N, K, Ho, Wo) or None,
+    all of one dtype (float32, float16, bfloat16) and device; stride (sh, sw), padding (ph, pw).
+    Inputs in any memory format are made channels_last here (a no-op when they already are).
+    ``config`` (a dict with BLOCK_M, BLOCK_N, BLOCK_C and optional num_warps, num_stages, or a
+    triton.Config) forces one configuration instead of autotuning; under TRITON_INTERPRET=1 a
+    single large-block configuration is used unless config is given.
+    """
+    (sh, sw), (ph, pw), out_shape = _check(x, weight, bias, residual, stride, padding)
+    N, C, H, W = x.shape
+    K, _, kh, kw = weight.shape
+    Ho, Wo = out_shape[2], out_shape[3]
+
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    weight = weight.contiguous(memory_format=cl)
+    if bias is not None:
+        bias = bias.contiguous()
+    if residual is not None:
+        residual = residual.contiguous(memory_format=cl)
+    y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=cl)
+    M = N * Ho * Wo
+    if M == 0 or K == 0:
+        return y
+
+    args = (
+        x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
+        N, H, W, C, K, Ho, Wo,
+        sh, sw, ph, pw,
+        *x.stride(), *weight.stride(),
+        *(residual.stride() if residual is not None else y.stride()), *y.stride(),
+    )
+    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                RELU=bool(relu), INPUT_PRECISION=_input_precision(x.dtype),
+                DOT_FP32=interpreting(), EXACT_BF16=exact_bf16(x.dtype))
+
+    def grid(META):
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
+
+    if config is None and interpreting():
+        config = interpreter_config(M, K, C)
+    if config is None:
+        wrap_triton(conv_kernel_autotuned)[grid](*args, **meta)
+    else:
+        wrap_triton(conv_kernel)[grid](*args, **meta, **_config_kwargs(config))
+    return y

@@ -1,0 +1,290 @@
+"""The raw Triton fused-conv launcher, deeparch_kernels.triton.conv.fused_conv2d.
+
+On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py when no
+GPU is present) on tiny shapes; on a CUDA machine the same tests run on the GPU, plus the
+``gpu``-marked ones (every autotuning config, TF32, torch.compile). The reference is float64
+``relu(conv2d(x, w) + bias + residual)`` computed from the same (rounded) inputs.
+"""
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TOL, assert_nonfinite_match, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET),
+    reason="needs CUDA, or TRITON_INTERPRET=1 on CPU (set before triton kernels are defined)")
+
+if HAS_CUDA or INTERPRET:
+    from deeparch_kernels.triton import conv as tconv
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 is compared at 1e-5: no TF32 (the launcher follows cudnn.allow_tf32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _rand(gen, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def _out_hw(H, W, kh, kw, stride, padding):
+    return (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+
+
+def _make(gen, N, C, K, H, W, kh, kw, stride, padding, dtype, bias=True, res=True):
+    x = _rand(gen, N, C, H, W, dtype=dtype)
+    w = _rand(gen, K, C, kh, kw, dtype=dtype, scale=(C * kh * kw) ** -0.5)
+    b = _rand(gen, K, dtype=dtype) if bias else None
+    Ho, Wo = _out_hw(H, W, kh, kw, stride, padding)
+    r = _rand(gen, N, K, Ho, Wo, dtype=dtype) if res else None
+    return x, w, b, r
+
+
+def _ref(x, w, b, r, stride, padding, relu):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    if r is not None:
+        y = y + r.double()
+    return torch.relu(y) if relu else y
+
+
+def _check(y, x, w, b, r, stride, padding, relu, tol=None):
+    ref = _ref(x, w, b, r, stride, padding, relu)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(y).all(), "non-finite output from finite inputs (an unwritten element?)"
+    err = rel_err(y, ref)
+    assert err <= (TOL[x.dtype] if tol is None else tol), f"relative error {err:.3g}"
+
+
+# (N, C, K, H, W, kh, kw, stride, padding): C = 3 and sizes that are not multiples of 8/16.
+CASES = {
+    "3x3s1": (2, 5, 7, 7, 9, 3, 3, (1, 1), (1, 1)),
+    "3x3s2": (2, 16, 16, 7, 9, 3, 3, (2, 2), (1, 1)),
+    "1x1s1": (2, 5, 7, 7, 9, 1, 1, (1, 1), (0, 0)),
+    "1x1s2": (2, 16, 7, 7, 9, 1, 1, (2, 2), (0, 0)),
+    "7x7s2_stem": (2, 3, 16, 9, 11, 7, 7, (2, 2), (3, 3)),
+    "3x3s3_nopad": (1, 3, 7, 8, 10, 3, 3, (3, 3), (0, 0)),
+    "3x1_asym": (1, 5, 7, 6, 9, 3, 1, (2, 1), (0, 2)),
+    "C20_K17": (1, 20, 17, 5, 6, 3, 3, (1, 1), (1, 1)),  # two C slices, two K tiles
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_matches_float64_reference(case, dtype, gen):
+    N, C, K, H, W, kh, kw, stride, padding = CASES[case]
+    x, w, b, r = _make(gen, N, C, K, H, W, kh, kw, stride, padding, dtype)
+    y = tconv.fused_conv2d(x, w, b, r, stride, padding, True)
+    _check(y, x, w, b, r, stride, padding, True)
+
+
+@pytest.mark.parametrize("bias,res,relu", [(False, False, False), (True, False, False),
+                                           (False, True, True), (True, False, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_epilogue_variants(bias, res, relu, dtype, gen):
+    N, C, K, H, W, kh, kw, stride, padding = CASES["3x3s2"]
+    x, w, b, r = _make(gen, N, C, K, H, W, kh, kw, stride, padding, dtype, bias=bias, res=res)
+    y = tconv.fused_conv2d(x, w, b, r, stride, padding, relu)
+    _check(y, x, w, b, r, stride, padding, relu)
+    if not relu:
+        assert (y < 0).any(), "no negative outputs: test data too weak to catch a stray ReLU"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+def test_input_layouts(layout, gen):
+    """Any input layout is accepted; the launcher makes it channels_last, output stays so."""
+    N, C, K, H, W, kh, kw, stride, padding = CASES["3x3s1"]
+    x, w, b, r = _make(gen, N, C, K, H, W, kh, kw, stride, padding, torch.float32)
+    if layout == "channels_last":
+        x, w, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, r))
+    elif layout == "strided_view":
+        x = _rand(gen, N, C, H, 2 * W, dtype=torch.float32)[..., ::2]
+        w = _rand(gen, C, K, kh, kw, dtype=torch.float32, scale=(C * kh * kw) ** -0.5).transpose(0, 1)
+    xs, ws, rs = x.stride(), w.stride(), r.stride()
+    y = tconv.fused_conv2d(x, w, b, r, stride, padding, True)
+    _check(y, x, w, b, r, stride, padding, True)
+    assert (x.stride(), w.stride(), r.stride()) == (xs, ws, rs), "inputs must not be modified"
+
+
+def test_bf16_rounds_to_nearest(gen):
+    """bf16 is exact in the interpreter (tiles widened before the dot, output rounded to nearest
+    even): nearly every output equals the float64 result rounded once to bf16 (truncation or
+    raw-bit arithmetic would fail this; a few flips come from fp32 summation order)."""
+    x, w, b, _ = _make(gen, 2, 16, 16, 7, 9, 3, 3, (1, 1), (1, 1), torch.bfloat16, res=False)
+    y = tconv.fused_conv2d(x, w, b, None, (1, 1), (1, 1), False)
+    want = _ref(x, w, b, None, (1, 1), (1, 1), False).to(torch.bfloat16)
+    assert (y == want).float().mean().item() >= 0.98
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_propagate_like_torch(dtype, relu, gen):
+    N, C, K, H, W, kh, kw, stride, padding = CASES["3x3s1"]
+    x, w, b, r = _make(gen, N, C, K, H, W, kh, kw, stride, padding, dtype)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    x[1, 4, 6, 8] = float("-inf")
+    x[0, 2, 5, 1] = float("inf")
+    r[1, 3, 3, 4] = float("nan")  # NaN from the residual must survive the ReLU too
+    y = tconv.fused_conv2d(x, w, b, r, stride, padding, relu)
+    ref = _ref(x, w, b, r, stride, padding, relu)
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()
+    assert_nonfinite_match(y, ref)
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+def _smallest_configs(n):
+    return sorted(tconv.conv_configs(), key=lambda c: (
+        c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"], c.num_warps))[:n]
+
+
+def _config_cases():
+    cfgs = tconv.conv_configs() if HAS_CUDA else _smallest_configs(2)
+    return [pytest.param(c, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_C}".format(**c.kwargs)
+                         + f"_w{c.num_warps}_s{c.num_stages}") for c in cfgs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", _config_cases() if (HAS_CUDA or INTERPRET) else [])
+def test_forced_configs(cfg, dtype, gen):
+    """Each autotuning candidate must be correct, not only the fastest (every one on a GPU, the
+    two smallest in the interpreter). Shape: 2 M tiles and 2 K tiles for the small blocks,
+    C tail, stride 2."""
+    x, w, b, r = _make(gen, 2, 37, 40, 9, 11, 3, 3, (2, 2), (1, 1), dtype)
+    as_dict = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = tconv.fused_conv2d(x, w, b, r, (2, 2), (1, 1), True, config=as_dict)
+    _check(y, x, w, b, r, (2, 2), (1, 1), True)
+    y2 = tconv.fused_conv2d(x, w, b, r, (2, 2), (1, 1), True, config=cfg)  # triton.Config too
+    assert torch.equal(y, y2)
+
+
+def test_config_list_is_sane():
+    cfgs = tconv.conv_configs()
+    assert {c.num_warps for c in cfgs} >= {4, 8}
+    for c in cfgs:
+        for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C"):
+            v = c.kwargs[k]
+            assert v >= 16 and v & (v - 1) == 0, (k, v)
+        smem = c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_C"] * 4
+        assert smem <= 200 * 1024, f"{c}: {smem} bytes of fp32 pipeline buffers"
+    assert any(c.kwargs["BLOCK_M"] <= 32 for c in cfgs), "no tile for small M (7x7 at batch 1)"
+
+
+def test_empty_batch(gen):
+    x = _rand(gen, 0, 3, 5, 5, dtype=torch.float32)
+    w = _rand(gen, 4, 3, 3, 3, dtype=torch.float32)
+    y = tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True)
+    assert y.shape == (0, 4, 5, 5)
+
+
+def _bad_cases():
+    x = torch.randn(2, 5, 7, 9)
+    w = torch.randn(7, 5, 3, 3)
+    b = torch.randn(7)
+    r = torch.randn(2, 7, 7, 9)
+    ok = dict(x=x, weight=w, bias=b, residual=r, stride=(1, 1), padding=(1, 1))
+    return [
+        ("x_rank", dict(ok, x=x[0]), ValueError, "x must be 4-D"),
+        ("weight_rank", dict(ok, weight=w[0]), ValueError, "weight must be 4-D"),
+        ("x_not_tensor", dict(ok, x=[1.0]), TypeError, "x must be a tensor"),
+        ("x_dtype", dict(ok, x=x.double()), TypeError, "x must be float32, float16 or bfloat16"),
+        ("weight_dtype", dict(ok, weight=w.half()), TypeError, "weight must have x's dtype"),
+        ("bias_dtype", dict(ok, bias=b.to(torch.bfloat16)), TypeError, "bias must have x's dtype"),
+        ("residual_dtype", dict(ok, residual=r.half()), TypeError, "residual must have x's dtype"),
+        ("channels", dict(ok, weight=torch.randn(7, 4, 3, 3)), ValueError, "weight must be (K, C, kh, kw)"),
+        ("bias_shape", dict(ok, bias=torch.randn(6)), ValueError, "bias must have shape (K,) = (7,)"),
+        ("residual_shape", dict(ok, residual=torch.randn(2, 7, 7, 8)), ValueError,
+         "residual must have shape (N, K, Ho, Wo) = (2, 7, 7, 9), got (2, 7, 7, 8)"),
+        ("stride_len", dict(ok, stride=(1,)), TypeError, "stride must be a sequence of 2 ints"),
+        ("stride_zero", dict(ok, stride=(0, 1)), ValueError, "stride must be >= 1"),
+        ("padding_neg", dict(ok, padding=(-1, 0)), ValueError, "padding must be >= 0"),
+        ("padding_float", dict(ok, padding=(1.0, 1)), TypeError, "padding must be a sequence of 2 ints"),
+        ("too_small", dict(ok, x=torch.randn(2, 5, 2, 9), padding=(0, 0), residual=None), ValueError,
+         "the padded input (2x9) is smaller than the weight's kernel (3x3)"),
+    ]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _bad_cases()])
+def test_bad_inputs_name_the_argument(name):
+    case = next(c for c in _bad_cases() if c[0] == name)
+    _, kw, exc, msg = case
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    with pytest.raises(exc, match=re.escape("fused_conv2d: " + msg)):
+        tconv.fused_conv2d(kw["x"], kw["weight"], kw["bias"], kw["residual"], kw["stride"],
+                           kw["padding"], True)
+
+
+def test_bad_config():
+    x, w = torch.randn(1, 3, 5, 5, device=DEVICE), torch.randn(4, 3, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="config needs"):
+        tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True, config={"BLOCK_M": 64})
+    with pytest.raises(ValueError, match=r"config\['BLOCK_C'\] must be a power of two >= 16"):
+        tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True,
+                           config={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 8})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["3x3s1", "7x7s2_stem"])
+def test_gpu_autotuned_path_and_tf32(case, gen):
+    """The autotuned kernel (no config=), exact fp32 and TF32 per cudnn.allow_tf32, and a
+    second call of a tuned shape giving the same result."""
+    N, C, K, H, W, kh, kw, stride, padding = CASES[case]
+    x, w, b, r = _make(gen, N, C, K, H, W, kh, kw, stride, padding, torch.float32)
+    y = tconv.fused_conv2d(x, w, b, r, stride, padding, True)
+    _check(y, x, w, b, r, stride, padding, True)
+    assert torch.equal(y, tconv.fused_conv2d(x, w, b, r, stride, padding, True))
+    torch.backends.cudnn.allow_tf32 = True
+    y32 = tconv.fused_conv2d(x, w, b, r, stride, padding, True)
+    _check(y32, x, w, b, r, stride, padding, True, tol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_large_tensor_64bit_offsets():
+    """x with more than 2^31 elements (4.3 GB of fp16): offsets past int32 must be right."""
+    N, C, H, W = 33, 64, 1024, 1024  # 2.2e9 elements
+    try:
+        x = torch.zeros(N, C, H, W, device="cuda", dtype=torch.float16,
+                        ).contiguous(memory_format=torch.channels_last)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x[-1, :, -4:, -4:] = 1.0  # only the last image's corner is non-zero
+    w = torch.ones(16, C, 1, 1, device="cuda", dtype=torch.float16)
+    y = tconv.fused_conv2d(x, w, None, None, (1, 1), (0, 0), False)
+    assert y[-1, :, -4:, -4:].eq(64).all() and y[-1, :, :-4].eq(0).all() and y[0].eq(0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_torch_compile_through_triton_op(gen):
+    """A torch.library.triton_op around the launcher compiles with Inductor (wrap_triton)."""
+    from typing import List, Optional
+
+    name = "deeparch_conv_kernel_test::conv"
+    if not hasattr(torch.ops.deeparch_conv_kernel_test, "conv"):
+        @torch.library.triton_op(name, mutates_args=())
+        def _op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                r: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                relu: bool) -> torch.Tensor:
+            return tconv.fused_conv2d(x, w, b, r, stride, padding, relu)
+
+    op = torch.ops.deeparch_conv_kernel_test.conv
+    x, w, b, r = _make(gen, 2, 16, 32, 9, 9, 3, 3, (1, 1), (1, 1), torch.float16)
+    fn = torch.compile(lambda *a: op(*a, [1, 1], [1, 1], True), fullgraph=True)
+    _check(fn(x, w, b, r), x, w, b, r, (1, 1), (1, 1), True)
