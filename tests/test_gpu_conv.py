@@ -1,0 +1,145 @@
+"""GPU tests (marked ``gpu``, skipped without CUDA): fused_conv2d's ``cuda`` and ``triton``
+backends on the benchmark (anchor) shapes and on random odd shapes, fp16/bf16/fp32, every
+epilogue, against a float64 reference; residual add+ReLU on the anchor sizes; the ``auto`` rule
+against stock PyTorch."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deeparch_kernels as dk
+from helpers import TOL, assert_nonfinite_match, rel_err
+
+pytestmark = pytest.mark.gpu
+
+# The anchor table's 3x3 layers (../shared/anchors/README.md): (N, C=K, H=W, stride).
+ANCHOR = [(32, 64, 224, 1), (32, 128, 112, 1), (32, 256, 56, 1), (32, 512, 28, 1), (32, 512, 14, 1),
+          (32, 64, 56, 1), (32, 128, 28, 1), (32, 256, 14, 1), (32, 512, 7, 1), (32, 128, 56, 2),
+          (1, 256, 56, 1), (1, 256, 14, 1)]
+GPU_BACKENDS = ["cuda", "triton"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _backend_or_skip(name):
+    a = dk.available_backends("cuda")[name]
+    if not a.available:
+        pytest.skip(f"{name}: {a.reason}")
+
+
+def _tol(dtype):
+    return 5e-3 if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else TOL[dtype]
+
+
+def _case(N, C, H, W, K, k, s, dtype, bias, res, gen, channels_last=True):
+    dev = "cuda"
+    cl = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(N, C, H, W, generator=gen, device=dev).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(K, C, k, k, generator=gen, device=dev) * (C * k * k) ** -0.5).to(dtype).contiguous(memory_format=cl)
+    b = torch.randn(K, generator=gen, device=dev).to(dtype) if bias else None
+    p = k // 2
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    r = torch.randn(N, K, Ho, Wo, generator=gen, device=dev).to(dtype).contiguous(memory_format=cl) if res else None
+    return x, w, b, r, p
+
+
+def _check(out, x, w, b, r, s, p, relu, dtype):
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), s, p)
+    if r is not None:
+        ref = ref + r.double()
+    if relu:
+        ref = torch.relu(ref)
+    assert out.stride() == F.conv2d(x, w, b, s, p).stride()
+    err = rel_err(out, ref)
+    assert err <= _tol(dtype), err
+
+
+@pytest.fixture
+def cgen():
+    return torch.Generator(device="cuda").manual_seed(7)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ANCHOR, ids=str)
+def test_anchor_shapes(backend, dtype, shape, cgen):
+    _backend_or_skip(backend)
+    N, C, H, s = shape
+    for bias, res, relu in [(True, False, True), (True, True, True)]:
+        if res and s != 1:
+            continue
+        x, w, b, r, p = _case(N, C, H, H, C, 3, s, dtype, bias, res, cgen)
+        out = torch.full_like(F.conv2d(x, w, b, s, p), float("nan"))  # poison the allocator block
+        del out
+        out = dk.fused_conv2d(x, w, b, stride=s, padding=p, residual=r, relu=relu, backend=backend)
+        _check(out, x, w, b, r, s, p, relu, dtype)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_odd_shapes(backend, dtype, cgen):
+    _backend_or_skip(backend)
+    rng = random.Random(11)
+    for _ in range(12):
+        N, C, K = rng.randint(1, 5), rng.choice([3, 5, 8, 17, 24, 64, 72]), rng.choice([7, 8, 16, 33, 64])
+        H, W = rng.randint(5, 40), rng.randint(5, 40)
+        k, s = rng.choice([1, 3, 3, 7]), rng.choice([1, 2])
+        bias, res, relu = rng.random() < 0.7, rng.random() < 0.5, rng.random() < 0.8
+        x, w, b, r, p = _case(N, C, H, W, K, k, s, dtype, bias, res, cgen, channels_last=rng.random() < 0.7)
+        if r is not None and not x.is_contiguous(memory_format=torch.channels_last):
+            r = r.contiguous()
+        out = dk.fused_conv2d(x, w, b, stride=s, padding=p, residual=r, relu=relu, backend=backend)
+        _check(out, x, w, b, r, s, p, relu, dtype)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_nan_never_passes_as_number(backend, dtype, cgen):
+    _backend_or_skip(backend)
+    x, w, b, r, p = _case(2, 64, 17, 17, 64, 3, 1, dtype, True, True, cgen)
+    x[0, 5, 3, 3] = float("nan")
+    x[1, 7, 9, 9] = float("inf")
+    r[0, 2, 0, 0] = float("nan")
+    out = dk.fused_conv2d(x, w, b, residual=r, backend=backend)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), 1, 1) + r.double())
+    assert_nonfinite_match(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_every_config(dtype, cgen):
+    _backend_or_skip("triton")
+    from deeparch_kernels.triton import conv as tconv
+
+    for shape in [(2, 64, 28, 28, 64, 3, 1), (1, 3, 33, 31, 64, 7, 2), (1, 512, 7, 7, 512, 3, 1)]:
+        N, C, H, W, K, k, s = shape
+        x, w, b, r, p = _case(N, C, H, W, K, k, s, dtype, True, s == 1, cgen)
+        for cfg in tconv.conv_configs():
+            out = tconv.fused_conv2d(x, w, b, r, (s, s), (p, p), True, config=cfg)
+            _check(out, x, w, b, r, s, p, True, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "aten"])
+@pytest.mark.parametrize("shape,dtype", [((32, 256, 56, 56), torch.float16), ((32, 256, 56, 56), torch.float32),
+                                         ((32, 64, 56, 56), torch.float16), ((32, 2048, 7, 7), torch.float16),
+                                         ((3, 5, 7, 11), torch.bfloat16)], ids=str)
+def test_add_relu_anchor_sizes(backend, shape, dtype, cgen):
+    _backend_or_skip(backend)
+    a = torch.randn(*shape, generator=cgen, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(*shape, generator=cgen, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    out = dk.add_relu(a, b, backend=backend)
+    assert torch.equal(out, torch.relu(a + b))
+    a2 = a.clone()
+    dk.add_relu_(a2, b, backend=backend)
+    assert torch.equal(a2, torch.relu(a + b))
+
+
+def test_auto_caches_one_choice_per_shape(cgen):
+    from deeparch_kernels import backends
+
+    backends.clear_cache()
+    x, w, b, r, p = _case(8, 64, 28, 28, 64, 3, 1, torch.float16, True, True, cgen)
+    y1 = dk.fused_conv2d(x, w, b, residual=r)
+    y2 = dk.fused_conv2d(x, w, b, residual=r)
+    assert torch.equal(y1, y2)
+    picks = [v for (op, _, _), v in backends.cached_choices().items() if op == "fused_conv2d"]
+    assert len(picks) == 1 and picks[0] in ("cuda", "triton", "aten")
