@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ._lib import HAS_TRITON, check, formats, lib
-from .add_relu import add_relu
+from .add_relu import add_relu, add_relu_
 
 OP = "fused_conv2d"
 _SCHEMA_ARGS = ("Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
@@ -91,9 +91,15 @@ if HAS_TRITON:
 
 def _aten(x, weight, bias, residual, stride, padding, relu):
     y = F.conv2d(x, weight, bias, stride, padding)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, residual)):
+        if residual is not None:
+            return add_relu(y, residual) if relu else y + residual
+        return torch.relu(y) if relu else y
+    # Inference: the epilogue in place on the fresh conv output, one pass, no allocation.
     if residual is not None:
-        return add_relu(y, residual) if relu else y + residual
-    return torch.relu(y) if relu else y
+        return add_relu_(y, residual) if relu else y.add_(residual)
+    return y.relu_() if relu else y
 
 
 def _reference(x, weight, bias, residual, stride, padding, relu):
