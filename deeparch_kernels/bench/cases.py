@@ -1,0 +1,251 @@
+"""The cases a run verifies and times: the anchor table's shapes (/work/shared/anchors/README.md,
+mirrored here), named subsets of them, and explicit shapes given on the command line.
+
+Shape specs (``--shapes``, comma-separated, mixable):
+
+  anchors   every conv and add+ReLU shape of the anchor table (the GPU default): conv3x3 layers
+            of VGG16 and ResNet at N=32 (fp16, channels_last), the two N=1 rows, the two fp32
+            NCHW rows; the add+ReLU rows with their dtypes
+  vgg       VGG16's 3x3 conv layers;  resnet: ResNet's 3x3 conv layers;  conv: both
+  add       the add+ReLU shapes of the anchor table
+  cpu       the CPU default: the conv layers (batch 1 unless --batch), the add+ReLU shapes that
+            fit a CPU run in fp32, and 32x256x32x32 (8.4M elements, the foundation bar: our C++
+            add+ReLU >= 1.5x eager relu(a+b) for >= 8M-element fp32 tensors)
+  tiny      small odd shapes for --quick and tests (seconds on a CPU)
+  conv:CxHxS[xK[xk]]   one conv: C in, K out (default C), HxH input, stride S, kxk (default 3),
+                       e.g. conv:64x56x1, conv:3x224x2x64x7 (ResNet's stem)
+  add:AxBxCxD          one add+ReLU shape (any number of dims)
+
+Conv forms: "bias_relu" (relu(conv(x, w) + b)) for every conv shape, and "residual"
+(relu(conv(x, w) + b + identity), ResNet's second conv of a block) for ResNet and explicit shapes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES: Dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16",
+                                       torch.bfloat16: "bf16"}
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return DTYPE_NAMES[dt]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of fp32, fp16, bf16") from None
+
+
+@dataclass(frozen=True)
+class AddCase:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    memory_format: str = "channels_last"
+
+    op = "add_relu"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    @property
+    def bytes(self) -> int:
+        """Fewest bytes moved: read a and b, write the output."""
+        return 3 * self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def fmt(self) -> str:
+        return self.memory_format if len(self.shape) == 4 else "contiguous"
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    k: int = 3
+    stride: int = 1
+    padding: Optional[int] = None  # None: k // 2
+    dtype: torch.dtype = torch.float32
+    memory_format: str = "channels_last"
+    form: str = "bias_relu"  # or "residual"
+    net: str = "custom"
+
+    op = "fused_conv2d"
+
+    @property
+    def pad(self) -> int:
+        return self.k // 2 if self.padding is None else self.padding
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        p, s, k = self.pad, self.stride, self.k
+        return (self.H + 2 * p - k) // s + 1, (self.W + 2 * p - k) // s + 1
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int]:
+        return (self.N, self.K, *self.out_hw)
+
+    @property
+    def flops(self) -> int:
+        Ho, Wo = self.out_hw
+        return 2 * self.N * self.K * self.C * self.k * self.k * Ho * Wo
+
+    @property
+    def bytes(self) -> int:
+        """Fewest bytes moved: x, weight, bias (and residual) read once, the output written once."""
+        es = torch.empty((), dtype=self.dtype).element_size()
+        n = self.N * self.C * self.H * self.W + self.K * self.C * self.k * self.k + self.K
+        out = self.N * self.K * self.out_hw[0] * self.out_hw[1]
+        return es * (n + out * (2 if self.form == "residual" else 1))
+
+    @property
+    def label(self) -> str:
+        s = f"{self.C}->{self.K} {self.H}x{self.W}" if self.C != self.K else f"{self.C} {self.H}x{self.W}"
+        if self.k != 3:
+            s += f" k{self.k}"
+        return f"{s} s{self.stride} N={self.N}"
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (self.N, self.C, self.H, self.W)
+
+
+# The anchor table: (C=K, H=W, stride), net.
+VGG16_CONV = [(64, 224, 1), (128, 112, 1), (256, 56, 1), (512, 28, 1), (512, 14, 1)]
+RESNET_CONV = [(64, 56, 1), (128, 28, 1), (256, 14, 1), (512, 7, 1), (128, 56, 2)]
+ANCHOR_N1 = [(256, 56, 1), (256, 14, 1)]  # also timed at N=1
+ANCHOR_FP32_NCHW = [(64, 224, 1), (256, 56, 1)]  # also timed fp32 NCHW (TF32 on)
+ANCHOR_ADD = [((32, 256, 56, 56), torch.float16), ((32, 256, 56, 56), torch.float32),
+              ((128, 256, 56, 56), torch.float16), ((32, 64, 56, 56), torch.float16),
+              ((32, 2048, 7, 7), torch.float16)]
+# CPU: fp32, and sizes a 2-core run can time in seconds. 32x256x32x32 = 8.4M elements.
+CPU_ADD = [(32, 256, 56, 56), (32, 256, 32, 32), (32, 64, 56, 56), (32, 2048, 7, 7)]
+TINY_CONV = [(2, 3, 17, 15, 16, 3, 1), (2, 16, 16, 16, 16, 3, 1), (2, 16, 15, 15, 32, 3, 2)]
+TINY_ADD = [(2, 64, 28, 28), (4, 32, 15, 17)]
+
+NAMED = ("anchors", "vgg", "resnet", "conv", "add", "cpu", "tiny")
+
+
+def _forms(net: str) -> List[str]:
+    return ["bias_relu"] if net == "vgg16" else ["bias_relu", "residual"]
+
+
+@dataclass
+class CaseSet:
+    add: List[AddCase]
+    conv: List[ConvCase]
+
+
+def _dedupe(items: Iterable) -> list:
+    seen, out = set(), []
+    for it in items:
+        if it not in seen:
+            seen.add(it)
+            out.append(it)
+    return out
+
+
+def parse_shape_spec(spec: str) -> str:
+    """Validate one --shapes item (raises ValueError with the reason); returns it normalised."""
+    s = spec.strip().lower()
+    if s in NAMED:
+        return s
+    if s.startswith("conv:"):
+        parts = s[5:].split("x")
+        if not 3 <= len(parts) <= 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"bad conv shape {spec!r}: expected conv:CxHxSTRIDE[xK[xKSIZE]] with "
+                             "positive integers, e.g. conv:64x56x1")
+        return s
+    if s.startswith("add:"):
+        if not re.fullmatch(r"\d+(x\d+)*", s[4:]) or any(int(d) == 0 for d in s[4:].split("x")):
+            raise ValueError(f"bad add shape {spec!r}: expected add:AxBxCxD, e.g. add:32x256x56x56")
+        return s
+    raise ValueError(f"unknown shape set {spec!r}; expected one of {', '.join(NAMED)}, "
+                     "conv:CxHxSTRIDE[xK[xKSIZE]] or add:AxBx...")
+
+
+def build_cases(specs: Sequence[str], device_type: str, *, dtypes: Optional[Sequence[torch.dtype]] = None,
+                batches: Optional[Sequence[int]] = None, memory_format: Optional[str] = None) -> CaseSet:
+    """Expand shape specs into cases. Without overrides the anchor sets keep the anchor table's
+    dtypes/batches/layouts on the GPU; on the CPU everything is fp32, channels_last, batch 1 for
+    convolutions. ``dtypes``/``batches``/``memory_format`` replace those everywhere."""
+    gpu = device_type == "cuda"
+    default_dt = torch.float16 if gpu else torch.float32
+    default_n = 32 if gpu else 1
+    fmt = memory_format or "channels_last"
+    add: List[AddCase] = []
+    conv: List[ConvCase] = []
+
+    def conv_rows(rows, net):
+        for C, H, s in rows:
+            for form in _forms(net):
+                conv.append(ConvCase(default_n, C, H, H, C, 3, s, None, default_dt, fmt, form, net))
+
+    for spec in specs:
+        spec = parse_shape_spec(spec)
+        if spec in ("anchors", "vgg", "conv", "cpu"):
+            conv_rows(VGG16_CONV, "vgg16")
+        if spec in ("anchors", "resnet", "conv", "cpu"):
+            conv_rows(RESNET_CONV, "resnet")
+        if spec == "anchors" and gpu:
+            for C, H, s in ANCHOR_N1:
+                net = "vgg16" if (C, H, s) in VGG16_CONV else "resnet"
+                for form in _forms(net):
+                    conv.append(ConvCase(1, C, H, H, C, 3, s, None, default_dt, fmt, form, net))
+            for C, H, s in ANCHOR_FP32_NCHW:
+                conv.append(ConvCase(32, C, H, H, C, 3, s, None, torch.float32, "contiguous",
+                                     "bias_relu", "vgg16"))
+        if spec in ("anchors", "add"):
+            if gpu:
+                add += [AddCase(shape, dt, fmt) for shape, dt in ANCHOR_ADD]
+            else:  # the 128x256x56x56 row is 400 MB a tensor in fp32: left to the GPU
+                add += [AddCase(shape, torch.float32, fmt) for shape, _ in ANCHOR_ADD
+                        if shape[0] <= 32]
+        if spec == "cpu":
+            add += [AddCase(shape, default_dt, fmt) for shape in CPU_ADD]
+        if spec == "tiny":
+            for N, C, H, W, K, k, s in TINY_CONV:
+                for form in ("bias_relu", "residual"):
+                    conv.append(ConvCase(N, C, H, W, K, k, s, None, default_dt, fmt, form, "custom"))
+            add += [AddCase(shape, default_dt, fmt) for shape in TINY_ADD]
+        if spec.startswith("conv:"):
+            p = [int(v) for v in spec[5:].split("x")]
+            C, H, s = p[:3]
+            K = p[3] if len(p) > 3 else C
+            k = p[4] if len(p) > 4 else 3
+            for form in ("bias_relu", "residual"):
+                conv.append(ConvCase(default_n, C, H, H, K, k, s, None, default_dt, fmt, form, "custom"))
+        if spec.startswith("add:"):
+            add.append(AddCase(tuple(int(d) for d in spec[4:].split("x")), default_dt, fmt))
+
+    if memory_format:
+        conv = [replace(c, memory_format=memory_format) for c in conv]
+        add = [replace(a, memory_format=memory_format) for a in add]
+    if batches:
+        conv = [replace(c, N=n) for c in conv for n in batches]
+    if dtypes:
+        conv = [replace(c, dtype=dt) for c in conv for dt in dtypes]
+        add = [replace(a, dtype=dt) for a in add for dt in dtypes]
+    return CaseSet(_dedupe(add), _dedupe(conv))

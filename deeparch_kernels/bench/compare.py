@@ -1,0 +1,56 @@
+"""``deeparch-bench compare A.json B.json``: two result files side by side. Rows are matched on
+(section, op, case, dtype, memory format, form, provider); the ratio is B's median time over A's
+(< 1: B is faster). Rows present in only one file are counted, not shown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from .report import _f, geomean, table
+from .schema import validate
+
+
+def load(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a result file ({e})") from None
+    errors = validate(data)
+    if errors:
+        raise ValueError(f"{path}: not a valid deeparch-bench result: " + "; ".join(errors[:5]))
+    return data
+
+
+def row_key(r: dict) -> Tuple:
+    return (r["section"], r["op"], r["case"], r["dtype"], r["memory_format"], r.get("form"), r["provider"])
+
+
+def compare(a: dict, b: dict, *, markdown: bool = False) -> str:
+    ra: Dict[Tuple, dict] = {row_key(r): r for r in a["timings"] if r.get("median_ms")}
+    rb: Dict[Tuple, dict] = {row_key(r): r for r in b["timings"] if r.get("median_ms")}
+    common = [k for k in ra if k in rb]
+    body: List[List[str]] = []
+    per_provider: Dict[str, List[float]] = {}
+    for k in common:
+        ta, tb = ra[k]["median_ms"], rb[k]["median_ms"]
+        ratio = tb / ta
+        per_provider.setdefault(k[6], []).append(ratio)
+        body.append([k[1], k[2] + (f" {k[5]}" if k[5] else ""), k[3], k[6], f"{ta:.4g}", f"{tb:.4g}",
+                     f"{ratio:.3f}", _f(ra[k].get("speedup_vs_eager"), ".2f"), _f(rb[k].get("speedup_vs_eager"), ".2f")])
+    ea, eb = a["env"], b["env"]
+    lines = [f"A: {ea['device_name']} ({ea['device']}), torch {ea['torch']}, commit "
+             f"{(ea.get('git') or {}).get('commit') or '?'}, {a['created']}",
+             f"B: {eb['device_name']} ({eb['device']}), torch {eb['torch']}, commit "
+             f"{(eb.get('git') or {}).get('commit') or '?'}, {b['created']}"]
+    if ea["device_name"] != eb["device_name"]:
+        lines.append("warning: different devices; absolute times do not compare, speedups (vs eager) do")
+    lines.append(f"{len(common)} rows in both; {len(ra) - len(common)} only in A, {len(rb) - len(common)} only in B")
+    if body:
+        lines.append(table(["op", "case", "dtype", "provider", "A ms", "B ms", "B/A", "A vs eager", "B vs eager"],
+                           body, markdown=markdown, right=(4, 5, 6, 7, 8)))
+        summ = [[p, str(len(v)), f"{geomean(v):.3f}", f"{min(v):.3f}", f"{max(v):.3f}"]
+                for p, v in per_provider.items()]
+        lines.append(table(["provider", "rows", "geomean B/A", "min", "max"], summ, markdown=markdown,
+                           right=(1, 2, 3, 4)))
+    return ("\n\n" if markdown else "\n").join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""What a result was measured on: device, library versions, git commit, date.
+
+Every stored result carries this block (STYLE.md: "GPU name and commit in every stored row"),
+so two files can be compared knowing whether they came from the same card and code.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The device a run uses: ``name`` if given, else the GPU when CUDA is available, else CPU.
+    A CUDA device always carries its index (torch.cuda.set_device needs one)."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:  # the model name is more useful than "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name
+
+
+def device_slug(device: torch.device) -> str:
+    """A short file-name tag: 'h200', 'h100', 'a100', ... for GPUs, 'cpu' for the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    name = device_name(device).lower().replace("nvidia", "").strip()
+    m = re.search(r"\b([a-z]+\d+[a-z]*)\b", name)
+    slug = m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return slug or "gpu"
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 on a GPU; the CPU's last-level cache (32 MiB when it can't be read)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in base.glob("index*"):
+            size = (idx / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            num = int(size.rstrip("KMG"))
+            best = max(best, num * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
+def git_info(path: Optional[Path] = None) -> Dict[str, Any]:
+    """The commit of the checkout this package runs from (None when not a git checkout)."""
+    root = path or Path(__file__).resolve().parents[2]
+    out: Dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            out["commit"] = commit.stdout.strip()
+            st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
+                                capture_output=True, text=True, timeout=5)
+            out["dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", None))
+    except Exception:
+        return None
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """The ``env`` block of a result file."""
+    from .. import __version__, _ext
+
+    env: Dict[str, Any] = {
+        "device": str(device),
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "device_slug": device_slug(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "deeparch_kernels": __version__,
+        "extension": _ext.build_info(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "git": git_info(),
+        "last_level_cache_bytes": last_level_cache_bytes(device),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env["gpu"] = {
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "sm_count": p.multi_processor_count,
+            "memory_bytes": p.total_memory,
+            "l2_bytes": getattr(p, "L2_cache_size", None),
+        }
+        env["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+        env["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if isinstance(env["extension"], dict):  # JSON-safe copy
+        env["extension"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in env["extension"].items()}
+    return env
+
+
+def now() -> _dt.datetime:
+    return _dt.datetime.now().astimezone()

@@ -1,0 +1,245 @@
+"""Readable output of a result: the console table, the markdown file, the file names.
+
+Speedups are baseline_ms / ms: above 1 means faster than eager (or torch.compile)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return none
+    return format(v, fmt)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False,
+          right: Iterable[int] = ()) -> str:
+    right = set(right)
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |",
+               "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _group_key(r: dict) -> Tuple:
+    fam = "add_relu" if r["op"] in ("add_relu", "add_relu_") else r["op"]
+    return (r["section"], fam, r["case"], r["dtype"], r["memory_format"], r.get("form"))
+
+
+def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
+    out: Dict[Tuple, List[dict]] = {}
+    for r in rows:
+        out.setdefault(_group_key(r), []).append(r)
+    return out
+
+
+def _time_cells(r: dict) -> List[str]:
+    if r.get("median_ms") is None:
+        return [r["status"], "", ""]
+    return [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", ""]
+
+
+def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
+    """One table per op family: add+ReLU, fused conv."""
+    out = []
+    for fam, title, rate in (("add_relu", "residual add + ReLU", "GB/s"),
+                             ("fused_conv2d", "conv3x3 + bias (+ residual) + ReLU", "TFLOP/s")):
+        frows = [r for r in rows if r["section"] == "op" and _group_key(r)[1] == fam]
+        if not frows:
+            continue
+        body = []
+        for key, grp in groups(frows).items():
+            _, _, case, dtype, fmt, form = key
+            label = f"{case}" + (f" {form}" if form and fam != "add_relu" else "")
+            for j, r in enumerate(grp):
+                t = _time_cells(r)
+                val = r["gbps"] if fam == "add_relu" else r["tflops"]
+                body.append([label if j == 0 else "", f"{dtype} {LAYOUT.get(fmt, fmt)}" if j == 0 else "",
+                             r["provider"], t[0], t[1],
+                             _f(val, ".3g"), _f(r.get("roofline_pct"), ".0f"),
+                             _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
+                             _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
+                             (f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
+        head = ["case", "dtype", "provider", "ms", "p20-p80", rate, "%roof", "vs eager", "vs compile", "note"]
+        out.append((f"### {title}\n\n" if markdown else f"== {title} ==\n")
+                   + table(head, body, markdown=markdown, right=(3, 5, 6, 7, 8)))
+    return out
+
+
+def model_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
+    mrows = [r for r in rows if r["section"] == "model"]
+    if not mrows:
+        return None
+    body = []
+    for key, grp in groups(mrows).items():
+        for j, r in enumerate(grp):
+            t = _time_cells(r)
+            body.append([r["case"] if j == 0 else "", f"{r['shape'][0]} {r['dtype']}" if j == 0 else "",
+                         r["form"] if j == 0 else "", r["provider"], t[0], t[1],
+                         _f(r.get("images_per_s"), ".4g"),
+                         _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
+                         _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
+                         _f(r.get("max_rel_err"), ".1e"),
+                         (f"compile {r['compile_s']:.0f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
+    head = ["model", "batch", "form", "provider", "ms", "p20-p80", "img/s", "vs eager", "vs compile",
+            "err vs tv", "note"]
+    return (("### whole models (inference)\n\n" if markdown else "== whole models (inference) ==\n")
+            + table(head, body, markdown=markdown, right=(4, 6, 7, 8)))
+
+
+def geomean(vals: Sequence[float]) -> Optional[float]:
+    vals = [v for v in vals if v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def summary_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
+    """Per op and our provider: geometric-mean speedup vs eager and vs compile, min-max range."""
+    body = []
+    seen: Dict[Tuple, List[dict]] = {}
+    for r in rows:
+        if r["kind"] == "ours" and r.get("median_ms"):
+            seen.setdefault((r["op"], r["provider"], r["dtype"]), []).append(r)
+    for (op, prov, dtype), rs in seen.items():
+        e = [r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")]
+        c = [r["speedup_vs_compile"] for r in rs if r.get("speedup_vs_compile")]
+        ge, gc = geomean(e), geomean(c)
+        body.append([op, prov, dtype, str(len(rs)),
+                     (f"{ge:.2f}x ({min(e):.2f}-{max(e):.2f})" if ge else "-"),
+                     (f"{gc:.2f}x ({min(c):.2f}-{max(c):.2f})" if gc else "-")])
+    if not body:
+        return None
+    head = ["op", "ours", "dtype", "cases", "vs eager: geomean (min-max)", "vs compile: geomean (min-max)"]
+    return (("### summary: our backends vs eager and torch.compile (speedup, >1 = faster)\n\n" if markdown
+             else "== summary: our backends vs eager and torch.compile (speedup, >1 = faster) ==\n")
+            + table(head, body, markdown=markdown, right=(3, 4, 5)))
+
+
+def backends_table(result: dict, *, markdown: bool = False) -> str:
+    body = [[n, "yes" if a["available"] else "no", a["reason"]] for n, a in result["backends"].items()]
+    return table(["backend", "available", "why not"], body, markdown=markdown)
+
+
+def verification_text(result: dict, *, markdown: bool = False, limit: int = 30) -> str:
+    ver = result.get("verification")
+    if ver is None:
+        return "verification: skipped (--no-verify)"
+    s = ver["summary"]
+    head = (f"verification (seed {ver['seed']}, float64 reference): {s['pass']} passed, {s['fail']} failed, "
+            f"{s['error']} errors, {s['skip']} skipped, {s['missing']} not implemented yet")
+    lines = [head]
+    per: Dict[Tuple, List[dict]] = {}
+    for c in ver["results"]:
+        per.setdefault((c["op"], c["backend"], c["dtype"]), []).append(c)
+    body = []
+    for (op, b, dt), cs in per.items():
+        errs = [c["rel_err"] for c in cs if c["rel_err"] is not None]
+        st = {k: sum(c["status"] == k for c in cs) for k in ("pass", "fail", "error", "skip", "missing")}
+        body.append([op, b, dt, " ".join(f"{v} {k}" for k, v in st.items() if v),
+                     _f(max(errs) if errs else None, ".1e"), _f(cs[0]["tol"], "g")])
+    lines.append(table(["op", "backend", "dtype", "results", "max rel err", "tol"], body, markdown=markdown,
+                       right=(4, 5)))
+    bad = [c for c in ver["results"] if c["status"] in ("fail", "error")]
+    for c in bad[:limit]:
+        lines.append(f"  {c['status'].upper()}: {c['op']} [{c['backend']}, {c['dtype']}, {c['memory_format']}] "
+                     f"{c['case']}: {c['message']}")
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more (see the JSON file)")
+    missing = {(c["op"], c["backend"]): c["message"] for c in ver["results"] if c["status"] in ("missing", "skip")}
+    for (op, b), msg in list(missing.items())[:limit]:
+        lines.append(f"  not run: {op} [{b}]: {msg}")
+    return ("\n\n" if markdown else "\n").join(lines)
+
+
+def ceilings_text(result: dict) -> str:
+    c = result.get("ceilings")
+    if not c:
+        return "ceilings: not measured"
+    parts = [f"copy {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
+    for dt, m in c["matmul"].items():
+        if "tflops" in m:
+            parts.append(f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)")
+        else:
+            parts.append(f"matmul {dt}: {m.get('error')}")
+    return "measured ceilings: " + "; ".join(parts)
+
+
+def header_text(result: dict) -> str:
+    e = result["env"]
+    git = e.get("git") or {}
+    commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    return (f"deeparch-bench on {e['device']} ({e['device_name']}), torch {e['torch']}, triton {e.get('triton')}, "
+            f"cuda {e.get('cuda')}, cudnn {e.get('cudnn')}, commit {commit}, {result['created']}")
+
+
+def render(result: dict, *, markdown: bool = False) -> str:
+    parts = []
+    if markdown:
+        parts.append(f"# deeparch-bench: {result['env']['device_name']} ({result['env']['device']})")
+        parts.append(header_text(result))
+        parts.append("## backends\n\n" + backends_table(result, markdown=True))
+        parts.append("## verification\n\n" + verification_text(result, markdown=True))
+        if result.get("ceilings") is None and not result.get("timings"):
+            parts.append("## timing\n\nskipped (--no-bench)")
+        else:
+            parts.append("## timing\n\n" + ceilings_text(result)
+                         + "\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); "
+                           "%roof = achieved GB/s over the measured copy bandwidth (add+ReLU) or TFLOP/s "
+                           "over the measured matmul rate (conv).")
+    else:
+        parts.append(header_text(result))
+        parts.append("backends:\n" + backends_table(result))
+        parts.append(verification_text(result))
+        if result.get("ceilings"):
+            parts.append(ceilings_text(result))
+    rows = result.get("timings") or []
+    for t in op_tables(rows, markdown=markdown):
+        parts.append(t)
+    m = model_table(rows, markdown=markdown)
+    if m:
+        parts.append(m)
+    s = summary_table(rows, markdown=markdown)
+    if s:
+        parts.append(s)
+    if result.get("notes"):
+        parts.append(("## notes\n\n" if markdown else "notes:\n") + "\n".join(f"- {n}" for n in result["notes"]))
+    parts.append(f"wall time {result['wall_s']:.1f} s; exit code {result['exit_code']}")
+    return "\n\n".join(parts) + "\n"
+
+
+def result_stem(result: dict, out_dir: Path) -> Path:
+    """<out>/<date>-<device slug>, with -2, -3... when that is taken."""
+    date = result["created"][:10]
+    base = f"{date}-{result['env']['device_slug']}"
+    stem, n = out_dir / base, 2
+    while stem.with_suffix(".json").exists():
+        stem = out_dir / f"{base}-{n}"
+        n += 1
+    return stem
+
+
+def write(result: dict, out_dir: Path, *, plots: bool = True) -> Dict[str, object]:
+    """Write <stem>.json, <stem>.md and the plots; returns the paths and why plots are missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result, out_dir)
+    jpath, mpath = stem.with_suffix(".json"), stem.with_suffix(".md")
+    jpath.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    mpath.write_text(render(result, markdown=True))
+    written: Dict[str, object] = {"json": jpath, "markdown": mpath, "plots": [], "plots_skipped": None}
+    if plots:
+        from . import plots as _plots
+
+        pngs, why = _plots.draw(result, stem)
+        written["plots"], written["plots_skipped"] = pngs, why
+    return written

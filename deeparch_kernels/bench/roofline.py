@@ -1,0 +1,76 @@
+"""The device's two ceilings, measured once per run (METHOD.md: "datasheet rates are leads"):
+
+  copy bandwidth   a large device-to-device ``dst.copy_(src)``, bytes read + bytes written
+  matmul rate      a large square matmul in the dtype (fp32 on a GPU with TF32 when
+                   torch.backends.cudnn.allow_tf32 is on, since that is what fp32 convolutions use);
+                   on a CPU the better of torch.mm (BLAS) and the same GEMM as a 1x1 convolution
+                   (oneDNN, which the convolutions use)
+
+On a CPU a store first reads its cache line (write-allocate), so a copy moves 3 bytes per 2
+counted while an in-place op moves what it is counted for: in-place rows can show over 100%.
+
+Achieved GB/s over the copy bandwidth is an add+ReLU's fraction of roofline; achieved TFLOP/s over
+the matmul rate is a convolution's.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .cases import dtype_name
+from .timing import Timer
+
+
+def measure_copy(device: torch.device, timer: Timer, nbytes: Optional[int] = None) -> Dict:
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    moved = 2 * n * 4
+    return {"bytes": moved, "median_ms": t.median_ms, "gbps": moved / (t.median_ms * 1e-3) / 1e9}
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, timer: Timer, n: Optional[int] = None) -> Dict:
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32 or old
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = timer(lambda: torch.mm(a, b))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    flops = 2 * n ** 3
+    return {"n": n, "dtype": dtype_name(dtype), "tf32": tf32, "median_ms": t.median_ms,
+            "tflops": flops / (t.median_ms * 1e-3) / 1e12}
+
+
+def measure_gemm_as_conv(device: torch.device, dtype: torch.dtype, timer: Timer, n: int) -> Dict:
+    """An n x n x n GEMM run as a 1x1 channels_last convolution: on a CPU that goes through oneDNN,
+    which can beat torch.mm's BLAS (so convolutions would otherwise exceed "100%")."""
+    x = torch.randn(1, n, n // 32, 32, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    t = timer(lambda: torch.nn.functional.conv2d(x, w))
+    return {"n": n, "median_ms": t.median_ms, "tflops": 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12}
+
+
+def measure_ceilings(device: torch.device, dtypes, timer: Timer, *, quick: bool = False) -> Dict:
+    """{"copy": {...}, "matmul": {dtype name: {...}}}."""
+    small = quick and device.type != "cuda"
+    out = {"copy": measure_copy(device, timer, (64 << 20) if small else None), "matmul": {}}
+    for dt in dtypes:
+        try:
+            m = measure_matmul(device, dt, timer, 1024 if small else None)
+            if device.type == "cpu":  # the best GEMM the libraries here have: BLAS or oneDNN
+                conv = measure_gemm_as_conv(device, dt, timer, m["n"])
+                m["mm_tflops"], m["conv1x1_tflops"] = m["tflops"], conv["tflops"]
+                m["tflops"] = max(m["tflops"], conv["tflops"])
+            out["matmul"][dtype_name(dt)] = m
+        except Exception as e:  # e.g. a dtype the CPU's BLAS does not do
+            out["matmul"][dtype_name(dt)] = {"error": f"{type(e).__name__}: {e}"}
+    return out

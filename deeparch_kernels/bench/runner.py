@@ -1,0 +1,207 @@
+"""One run of the main job: backends -> verification -> ceilings -> op timing -> models ->
+a result dict (schema.py) -> console table, JSON, markdown, plots (report.py, plots.py)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from . import env as _env
+from .cases import build_cases, dtype_name
+from .schema import SCHEMA_VERSION
+
+OPS = ("add_relu", "add_relu_", "fused_conv2d")
+
+
+@dataclass
+class Config:
+    device: torch.device
+    ops: List[str] = field(default_factory=lambda: list(OPS))
+    models: List[str] = field(default_factory=list)
+    shapes: List[str] = field(default_factory=list)
+    dtypes: Optional[List[torch.dtype]] = None  # None: the device's defaults
+    batch: Optional[List[int]] = None
+    memory_format: Optional[str] = None
+    verify_backends: List[str] = field(default_factory=list)
+    bench_backends: List[str] = field(default_factory=list)
+    model_backends: List[str] = field(default_factory=list)
+    quick: bool = False
+    verify: bool = True
+    bench: bool = True
+    compile: bool = True
+    compile_models: bool = True
+    out: Optional[Path] = None
+    plots: bool = True
+    reps: int = 50
+    warmup: int = 3
+    max_time_s: float = 1.0
+    budget_s: float = 0.0
+    seed: int = 0
+    image_size: int = 224
+    model_batch: int = 64
+    latency: bool = True
+    progress: bool = True
+    argv: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["device"] = str(self.device)
+        d["dtypes"] = None if self.dtypes is None else [dtype_name(t) for t in self.dtypes]
+        d["out"] = None if self.out is None else str(self.out)
+        d.pop("notes")
+        return d
+
+    @property
+    def verify_dtypes(self) -> List[torch.dtype]:
+        if self.dtypes:
+            return list(self.dtypes)
+        if self.device.type == "cuda":
+            return [torch.float32, torch.float16, torch.bfloat16]
+        return [torch.float32]
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        if self.dtypes:
+            return self.dtypes[0]
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+
+def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run everything ``cfg`` asks for; returns the result dict (see schema.py)."""
+    import deeparch_kernels as dk
+
+    if log is None:
+        log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
+    from .timing import Budget
+
+    t_start = time.perf_counter()
+    budget = Budget(cfg.budget_s)  # one budget for the whole run: timing adapts to verification's time
+    created = _env.now().isoformat(timespec="seconds")
+    notes = list(cfg.notes)
+    dev = cfg.device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # as the anchor table was measured
+        notes.append("torch.backends.cudnn.benchmark = True (as the anchor table)")
+    avail = {n: {"available": a.available, "reason": a.reason} for n, a in dk.available_backends(dev).items()}
+    load_start = _loadavg()
+
+    verification = None
+    failed = False
+    if cfg.verify:
+        from .verify import Verifier, summarize
+
+        log(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
+            f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
+        v = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed,
+                     quick=cfg.quick, progress=log)
+        t0 = time.perf_counter()
+        checks = v.run()
+        if cfg.models:
+            from .verify import verify_models
+
+            checks += verify_models(dev, cfg.models, cfg.model_backends, cfg.verify_dtypes,
+                                    seed=cfg.seed, image_size=32 if cfg.quick else 64, progress=log)
+        log(f"verification took {time.perf_counter() - t0:.1f} s")
+        summary = summarize(checks)
+        verification = {"seed": cfg.seed, "summary": summary, "results": [c.as_dict() for c in checks]}
+        failed = failed or bool(summary["fail"] or summary["error"])
+
+    ceilings = None
+    timings: List[dict] = []
+    if cfg.bench:
+        from .modelbench import ModelBench
+        from .opbench import OpBench
+        from .roofline import measure_ceilings
+        from .timing import Timer
+
+        torch.manual_seed(cfg.seed)
+        timer = Timer(dev, warmup=cfg.warmup, reps=cfg.reps, min_reps=min(5, cfg.reps),
+                      max_time_s=cfg.max_time_s)
+        cases = build_cases(cfg.shapes, dev.type, dtypes=cfg.dtypes, batches=cfg.batch,
+                            memory_format=cfg.memory_format)
+        conv_dtypes = list(dict.fromkeys([c.dtype for c in cases.conv] +
+                                         ([cfg.model_dtype] if cfg.models else [])))
+        log("measuring the ceilings (copy bandwidth, matmul rate)")
+        ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
+        log(_ceiling_line(ceilings))
+        reserve = _model_reserve(cfg) if cfg.models else 0.0
+        ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
+                     compile_=cfg.compile, compile_reserve_s=reserve, log=log)
+        timings += ob.run(cases.add, cases.conv)
+        notes += ob.notes
+        if cfg.models:
+            mtimer = Timer(dev, warmup=1 if dev.type == "cpu" else cfg.warmup,
+                           reps=min(cfg.reps, 20), min_reps=3, max_time_s=max(cfg.max_time_s, 1.0))
+            mb = ModelBench(dev, mtimer, budget, names=cfg.models, backends=cfg.model_backends,
+                            dtype=cfg.model_dtype, batch=cfg.model_batch, image=cfg.image_size,
+                            latency=cfg.latency, compile_=cfg.compile and cfg.compile_models,
+                            seed=cfg.seed, log=log)
+            timings += mb.run()
+            notes += mb.notes
+        if any(r["status"] == "error" for r in timings):
+            failed = True
+            notes.append("some timings raised errors (status 'error' rows)")
+
+    load_end = _loadavg()
+    busy = _busy_note(dev, load_start, load_end) if cfg.bench else None
+    if busy:
+        notes.append(busy)
+        log(f"warning: {busy}")
+    environment = _env.environment(dev)
+    environment["loadavg_1min"] = {"start": load_start, "end": load_end}
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "deeparch-bench",
+        "created": created,
+        "argv": list(cfg.argv),
+        "config": cfg.as_json(),
+        "env": environment,
+        "backends": avail,
+        "ceilings": ceilings,
+        "verification": verification,
+        "timings": timings,
+        "notes": notes,
+        "wall_s": time.perf_counter() - t_start,
+        "exit_code": 1 if failed else 0,
+    }
+    return result
+
+
+def _model_reserve(cfg: Config) -> float:
+    """Seconds the op timing leaves for the models: their eager and fused timings. Compiling
+    whole models is not reserved for: it is the first thing the budget drops."""
+    per = 8.0 if cfg.quick else (12.0 if cfg.device.type == "cpu" else 10.0)
+    return per * len(cfg.models)
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _busy_note(dev: torch.device, start: Optional[float], end: Optional[float]) -> Optional[str]:
+    """Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy."""
+    cores = os.cpu_count() or 1
+    # before the run the load is others'; at its end it includes this run's own threads
+    busy_start = start is not None and start > 0.5 * cores + 0.5
+    busy_end = end is not None and end > cores + 0.5
+    if not (busy_start or busy_end):
+        return None
+    return (f"the machine was busy (1-minute load average {start} at the start, {end} at the end, "
+            f"{cores} cores): other processes competed for the CPU; rerun when it is idle before "
+            "trusting CPU times")
+
+
+def _ceiling_line(c: dict) -> str:
+    from .report import ceilings_text
+
+    return ceilings_text({"ceilings": c})

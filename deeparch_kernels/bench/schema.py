@@ -1,0 +1,130 @@
+"""The result file's schema (``schema_version`` 1), and a validator (no jsonschema needed).
+
+Top level (all required)::
+
+  schema_version  1
+  tool            "deeparch-bench"
+  created         ISO 8601 date-time with offset, e.g. "2026-11-27T01:30:00+00:00"
+  argv            the command-line arguments (list of str)
+  config          the resolved options (dict: device, ops, backends, dtypes, shapes, ...)
+  env             device, device_type, device_name, device_slug, torch, torchvision, triton,
+                  cuda, cudnn, python, platform, deeparch_kernels, extension (build info or
+                  null), git {commit, dirty}, cpu_threads, last_level_cache_bytes; on CUDA also
+                  gpu {name, capability, sm_count, memory_bytes, l2_bytes}, cudnn_benchmark,
+                  cudnn_allow_tf32, matmul_allow_tf32
+  backends        {name: {available: bool, reason: str}} for cuda, triton, cpu, aten, reference
+  ceilings        null (--no-bench) or {copy: {bytes, median_ms, gbps},
+                  matmul: {dtype: {n, dtype, tf32, median_ms, tflops} or {error}}}
+  verification    null (--no-verify) or {seed, summary: {pass, fail, error, skip, missing},
+                  results: [{op, backend, dtype, case, memory_format, status, rel_err, tol, message}]}
+                  (op "add_relu", "add_relu_", "fused_conv2d", or "model" for a whole model vs
+                  torchvision; status pass, fail, error, skip or missing)
+  timings         list of rows (below); empty with --no-bench
+  notes           list of str: what was skipped and why
+  wall_s          seconds the run took
+  exit_code       0 all good, 1 a verification failure or an error
+
+A timing row (every key present; null where it does not apply)::
+
+  section         "op" or "model"
+  op              "add_relu", "add_relu_", "fused_conv2d" or "model"
+  case            a label: "32x256x56x56", "256 56x56 s1 N=32", "resnet50"
+  shape           input shape (conv: x; model: the image batch)
+  weight_shape, stride, padding, form ("bias_relu"/"residual" for conv, "throughput"/
+                  "latency" for models), net
+  dtype           "fp32", "fp16", "bf16";  memory_format "channels_last" or "contiguous"
+  device
+  provider        "eager", "torchvision", "compile", "conv-only", a backend ("cpu", "cuda",
+                  "triton", "aten"), "<backend>:inplace", "fused:<backend>"
+  kind            "ours" or "baseline";  backend: ours' backend name or null
+  eager_provider  the provider speedup_vs_eager is taken against
+  median_ms, p20_ms, p80_ms, reps     the timing (null when not timed)
+  bytes, flops    the fewest bytes moved / floating-point operations of the case (ops)
+  gbps, tflops, roofline_pct          achieved rates; % of the measured ceiling
+  speedup_vs_eager, speedup_vs_compile  baseline_ms / median_ms (> 1: faster than the baseline)
+  compile_s       torch.compile's compile time (compile rows)
+  images_per_s, max_rel_err           models: throughput; fused vs torchvision output error
+  status          "ok", "skipped", "missing", "error";  note: why / extra facts
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+SCHEMA_VERSION = 1
+
+TOP_KEYS = {
+    "schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
+    "backends": dict, "ceilings": (dict, type(None)), "verification": (dict, type(None)),
+    "timings": list, "notes": list, "wall_s": (int, float), "exit_code": int,
+}
+ENV_KEYS = {"device": str, "device_type": str, "device_name": str, "device_slug": str, "torch": str,
+            "python": str, "git": dict}
+NUM = (int, float, type(None))
+ROW_KEYS = {
+    "section": str, "op": str, "case": str, "shape": list, "dtype": str, "memory_format": str,
+    "provider": str, "kind": str, "backend": (str, type(None)), "eager_provider": (str, type(None)),
+    "median_ms": NUM, "p20_ms": NUM, "p80_ms": NUM, "reps": int, "bytes": NUM, "flops": NUM,
+    "gbps": NUM, "tflops": NUM, "roofline_pct": NUM, "speedup_vs_eager": NUM,
+    "speedup_vs_compile": NUM, "compile_s": NUM, "status": str, "note": str, "form": (str, type(None)),
+    "device": str,
+}
+MODEL_ROW_KEYS = {"images_per_s": NUM, "max_rel_err": NUM}
+CHECK_KEYS = {"op": str, "backend": str, "dtype": str, "case": str, "memory_format": str,
+              "status": str, "rel_err": NUM, "tol": NUM, "message": str}
+STATUSES = {"ok", "skipped", "missing", "error"}
+CHECK_STATUSES = {"pass", "fail", "error", "skip", "missing"}
+
+
+def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
+    for k, typ in keys.items():
+        if k not in obj:
+            errors.append(f"{where}: missing key {k!r}")
+        elif not isinstance(obj[k], typ) or (isinstance(obj[k], bool) and typ in (int, NUM)):
+            errors.append(f"{where}.{k}: {type(obj[k]).__name__} is not {typ}")
+
+
+def validate(result: Any) -> List[str]:
+    """The ways ``result`` breaks the schema (empty when it is valid)."""
+    errors: List[str] = []
+    if not isinstance(result, dict):
+        return ["the result is not a JSON object"]
+    _check(result, TOP_KEYS, "result", errors)
+    if result.get("schema_version") != SCHEMA_VERSION:
+        errors.append(f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if isinstance(result.get("env"), dict):
+        _check(result["env"], ENV_KEYS, "env", errors)
+    for name, a in (result.get("backends") or {}).items():
+        if not isinstance(a, dict) or not isinstance(a.get("available"), bool) or not isinstance(a.get("reason"), str):
+            errors.append(f"backends.{name}: expected {{available: bool, reason: str}}")
+    ceil = result.get("ceilings")
+    if isinstance(ceil, dict):
+        if not isinstance(ceil.get("copy"), dict) or not isinstance(ceil["copy"].get("gbps"), (int, float)):
+            errors.append("ceilings.copy.gbps missing")
+        if not isinstance(ceil.get("matmul"), dict):
+            errors.append("ceilings.matmul missing")
+    ver = result.get("verification")
+    if isinstance(ver, dict):
+        if not isinstance(ver.get("seed"), int):
+            errors.append("verification.seed missing")
+        if not isinstance(ver.get("summary"), dict):
+            errors.append("verification.summary missing")
+        for i, c in enumerate(ver.get("results") or []):
+            _check(c, CHECK_KEYS, f"verification.results[{i}]", errors)
+            if c.get("status") not in CHECK_STATUSES:
+                errors.append(f"verification.results[{i}].status {c.get('status')!r}")
+    for i, r in enumerate(result.get("timings") or []):
+        if not isinstance(r, dict):
+            errors.append(f"timings[{i}] is not an object")
+            continue
+        _check(r, ROW_KEYS, f"timings[{i}]", errors)
+        if r.get("section") == "model":
+            _check(r, MODEL_ROW_KEYS, f"timings[{i}]", errors)
+        elif r.get("section") != "op":
+            errors.append(f"timings[{i}].section {r.get('section')!r}")
+        if r.get("status") not in STATUSES:
+            errors.append(f"timings[{i}].status {r.get('status')!r}")
+        if r.get("kind") not in ("ours", "baseline"):
+            errors.append(f"timings[{i}].kind {r.get('kind')!r}")
+        if r.get("status") == "ok" and not isinstance(r.get("median_ms"), (int, float)):
+            errors.append(f"timings[{i}]: status ok without median_ms")
+    return errors

@@ -1,0 +1,307 @@
+"""``deeparch-bench`` / ``python -m deeparch_kernels``: the main job.
+
+With no arguments, on the device present (the GPU when CUDA is available, else the CPU):
+
+  1. prints which backends are available, and why not;
+  2. verifies every available backend of every op against a float64 reference, and our
+     models against torchvision's (deeparch_kernels.verify);
+  3. times each backend against eager PyTorch (ATen/cuDNN) and torch.compile on the anchor
+     shapes, and whole models (VGG16, ResNet-18, ResNet-50) when deeparch_kernels.fuse or
+     deeparch_kernels.models is there;
+  4. prints the table (times, speedups vs eager and vs compile, % of the measured roofline)
+     and writes <date>-<device>.json, .md and PNG plots (matplotlib permitting) under --out.
+
+Exit status: 0 when everything verified and ran, 1 when a check failed or a backend raised,
+2 for bad arguments. ``deeparch-bench compare A.json B.json`` puts two result files side by side;
+``deeparch-bench plot R.json`` redraws a result's plots.
+
+Device defaults:
+  GPU   verification in fp32, fp16, bf16; timing on the anchor table (fp16 channels_last, N=32,
+        the N=1 and fp32 NCHW rows); models at batch 64 fp16 plus batch-1 latency, ours through
+        backend="auto" (--backends for explicit ones); torch.compile
+        for every case and model; a soft time budget of 225 s for the run (it fits the ~4 minute
+        slot of scripts/gpu_check.sh: past it compile baselines, then cases, are dropped, noted)
+  CPU   verification in fp32; timing fp32 channels_last: conv layers at batch 1, add+ReLU up to
+        32x256x56x56 (incl. 8.4M elements, the foundation bar); models at batch 1; torch.compile
+        for ops but not for whole models (minutes each on a CPU: --compile-models); soft budget
+        150 s; Triton is never timed on a CPU (its interpreter is far too slow; under
+        TRITON_INTERPRET=1 it is verified on tiny shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+OP_ALIASES = {"add_relu": ["add_relu"], "add_relu_": ["add_relu_"], "fused_conv2d": ["fused_conv2d"],
+              "conv": ["fused_conv2d"], "add": ["add_relu", "add_relu_"],
+              "all": ["add_relu", "add_relu_", "fused_conv2d"], "none": []}
+MODEL_CHOICES = ("vgg16", "resnet18", "resnet50")
+
+
+def _split(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage error exit (2) and a message naming the bad value."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="deeparch-bench",
+        description="Verify every available deeparch-kernels backend against a float64 reference, "
+                    "then time it against eager PyTorch and torch.compile (ops and whole models). "
+                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json'.",
+        epilog="Shapes: anchors, vgg, resnet, conv, add, cpu, tiny, conv:CxHxSTRIDE[xK[xKSIZE]], "
+               "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--ops", default="all",
+                   help="comma list of add_relu, add_relu_, fused_conv2d (aliases: add, conv, all, none)")
+    p.add_argument("--models", default=None,
+                   help="comma list of vgg16, resnet18, resnet50, all or none (default: all; --quick: resnet18)")
+    p.add_argument("--dtypes", help="comma list of fp32, fp16, bf16, for verification and timing (default: "
+                                    "CPU fp32; GPU: verify fp32, fp16, bf16, time the anchor table's dtypes)")
+    p.add_argument("--shapes", help="comma list of shape sets or explicit shapes (default: anchors on "
+                                    "a GPU, cpu on a CPU, tiny with --quick)")
+    p.add_argument("--batch", help="conv batch sizes, comma list (default: 32 on a GPU, 1 on a CPU); "
+                                   "the largest is also the model batch unless --model-batch")
+    p.add_argument("--model-batch", type=int, help="model throughput batch (default 64 GPU, 1 CPU)")
+    p.add_argument("--image-size", type=int, help="model input size (default 224; --quick 64)")
+    p.add_argument("--backends", help="comma list of our backends to verify and time "
+                                      "(cuda, triton, cpu, aten, reference, auto; default: the available ones)")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
+                   help="layout for every timed case (default: the anchor table's, channels_last)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, ResNet-18 only: seconds")
+    p.add_argument("--no-verify", action="store_true", help="skip verification")
+    p.add_argument("--no-bench", action="store_true", help="skip timing (verification only)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--compile-models", action="store_true",
+                   help="also torch.compile whole models on a CPU (minutes each; on by default on a GPU)")
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 model latency rows")
+    p.add_argument("--out", default="deeparch-results", help="directory for the JSON, markdown and plots "
+                                                             "(default ./deeparch-results)")
+    p.add_argument("--no-save", action="store_true", help="print only; write no files")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--reps", type=int, help="at most this many timed calls per provider (default 50 GPU, 30 CPU)")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (default 5 GPU, 2 CPU)")
+    p.add_argument("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
+    p.add_argument("--budget", type=float, help="soft time budget in seconds for the whole run: past "
+                                                "it, torch.compile baselines and then later cases are "
+                                                "dropped, with a note (default 225 GPU, 150 CPU, "
+                                                "60 --quick; 0: none)")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _choose(parser, value: str, allowed: Sequence[str], what: str) -> List[str]:
+    out = []
+    for v in _split(value):
+        if v not in allowed:
+            parser.error(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+        out.append(v)
+    return out
+
+
+def parse_config(argv: Optional[Sequence[str]] = None):
+    """Parse arguments into a runner.Config (argparse exits with status 2 on bad values)."""
+    import torch
+
+    from .backends import BACKENDS, available_backends
+    from .bench.cases import parse_dtype, parse_shape_spec
+    from .bench.env import resolve_device
+    from .bench.runner import Config
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser.parse_args(argv)
+
+    try:
+        device = resolve_device(a.device)
+    except RuntimeError as e:
+        parser.error(f"bad --device {a.device!r}: {e}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {a.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    gpu = device.type == "cuda"
+
+    ops: List[str] = []
+    for v in _choose(parser, a.ops, list(OP_ALIASES), "op"):
+        ops += [o for o in OP_ALIASES[v] if o not in ops]
+
+    if a.models is None:
+        models = ["resnet18"] if a.quick else list(MODEL_CHOICES)
+    else:
+        picked = _choose(parser, a.models, list(MODEL_CHOICES) + ["all", "none"], "model")
+        models = list(MODEL_CHOICES) if "all" in picked else [m for m in picked if m != "none"]
+
+    dtypes = None
+    if a.dtypes:
+        try:
+            dtypes = list(dict.fromkeys(parse_dtype(d) for d in _split(a.dtypes)))
+        except ValueError as e:
+            parser.error(str(e))
+
+    shapes = ["tiny"] if a.quick else (["anchors"] if gpu else ["cpu"])
+    if a.shapes:
+        try:
+            shapes = [parse_shape_spec(s) for s in _split(a.shapes)]
+        except ValueError as e:
+            parser.error(str(e))
+
+    batch = None
+    if a.batch:
+        try:
+            batch = [int(b) for b in _split(a.batch)]
+        except ValueError:
+            parser.error(f"--batch {a.batch!r}: expected comma-separated positive integers")
+        if not batch or min(batch) < 1:
+            parser.error(f"--batch {a.batch!r}: expected positive integers")
+
+    notes: List[str] = []
+    avail = available_backends(device)
+    ours_default = [n for n, v in avail.items() if v.available]
+    if a.backends:
+        chosen = _choose(parser, a.backends, list(BACKENDS) + ["auto"], "backend")
+        verify_b = chosen
+        for n in chosen:
+            if n != "auto" and not avail[n].available:
+                notes.append(f"backend {n!r} is not available on {device}: {avail[n].reason}")
+        bench_b = [n for n in chosen if n == "auto" or avail[n].available]
+    else:
+        verify_b = ours_default + ["auto"]
+        bench_b = [n for n in ours_default if n != "reference"]
+    if not gpu and "triton" in bench_b:
+        bench_b.remove("triton")
+        notes.append("triton is not timed on a CPU: the interpreter (TRITON_INTERPRET=1) is far too "
+                     "slow; it is verified on tiny shapes only")
+    # Whole models: on a GPU, "auto" (what users get; every explicit backend would autotune its
+    # Triton kernels for each layer shape again: minutes); on a CPU each of ours (cheap).
+    if a.backends:
+        model_b = [n for n in bench_b if n != "reference"]
+    else:
+        model_b = ["auto"] if gpu else [n for n in bench_b if n != "reference"]
+
+    compile_ = not a.no_compile
+    compile_models = compile_ and (gpu or a.compile_models)
+    if compile_ and not compile_models and models and not a.no_bench:
+        notes.append("whole models are not torch.compiled on a CPU by default (minutes each): "
+                     "--compile-models to include them")
+
+    for flag, v in (("--reps", a.reps), ("--warmup", a.warmup), ("--model-batch", a.model_batch),
+                    ("--image-size", a.image_size)):
+        if v is not None and v < (0 if flag == "--warmup" else 1):
+            parser.error(f"{flag} {v}: must be positive")
+    if a.image_size is not None and a.image_size < 32:
+        parser.error(f"--image-size {a.image_size}: at least 32 (VGG16 pools five times)")
+
+    if a.quick:
+        reps, warmup, max_time, budget = 10, 1, 0.2, 60.0
+    elif gpu:
+        reps, warmup, max_time, budget = 50, 5, 1.0, 225.0
+    else:
+        reps, warmup, max_time, budget = 30, 2, 1.0, 150.0
+    model_batch = a.model_batch or (max(batch) if batch else (8 if a.quick and gpu else (2 if a.quick else (64 if gpu else 1))))
+
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    return Config(
+        device=device, ops=ops, models=models, shapes=shapes, dtypes=dtypes, batch=batch,
+        memory_format=a.memory_format, verify_backends=verify_b, bench_backends=bench_b,
+        model_backends=model_b, quick=a.quick, verify=not a.no_verify, bench=not a.no_bench,
+        compile=compile_, compile_models=compile_models,
+        out=None if a.no_save else Path(a.out), plots=not a.no_plots,
+        reps=a.reps if a.reps is not None else reps, warmup=a.warmup if a.warmup is not None else warmup,
+        max_time_s=a.max_time if a.max_time is not None else max_time,
+        budget_s=a.budget if a.budget is not None else budget, seed=seed,
+        image_size=a.image_size or (64 if a.quick else 224), model_batch=model_batch,
+        latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
+
+
+def _compare_main(argv: Sequence[str]) -> int:
+    from .bench.compare import compare, load
+
+    p = _Parser(prog="deeparch-bench compare",
+                description="Two result files side by side: same cases, ratio B/A of median times "
+                            "(< 1: B is faster).")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--markdown", action="store_true", help="markdown tables")
+    a = p.parse_args(list(argv))
+    try:
+        ra, rb = load(a.a), load(a.b)
+    except ValueError as e:
+        p.error(str(e))
+    sys.stdout.write(compare(ra, rb, markdown=a.markdown))
+    return 0
+
+
+def _plot_main(argv: Sequence[str]) -> int:
+    from .bench.compare import load
+    from .bench.plots import draw
+
+    p = _Parser(prog="deeparch-bench plot", description="Draw a result file's PNG plots.")
+    p.add_argument("result", type=Path)
+    p.add_argument("--out", type=Path, help="directory (default: beside the result)")
+    a = p.parse_args(list(argv))
+    try:
+        r = load(a.result)
+    except ValueError as e:
+        p.error(str(e))
+    stem = (a.out / a.result.stem) if a.out else a.result.with_suffix("")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+    paths, why = draw(r, stem)
+    if why:
+        print(f"plots skipped: {why}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "compare":
+            return _compare_main(argv[1:])
+        if argv and argv[0] == "plot":
+            return _plot_main(argv[1:])
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    try:
+        cfg = parse_config(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+
+    from .bench import report
+    from .bench.runner import run
+
+    t0 = time.perf_counter()
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
+    log(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; "
+        f"models {','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; "
+        f"compile {'on' if cfg.compile else 'off'}{'' if cfg.compile_models or not cfg.compile else ' (not for models)'}; "
+        f"budget {cfg.budget_s:.0f} s")
+    for n in cfg.notes:
+        log(f"note: {n}")
+    result = run(cfg, log=log)
+    sys.stdout.write(report.render(result))
+    sys.stdout.flush()
+    if cfg.out is not None:
+        written = report.write(result, cfg.out, plots=cfg.plots)
+        log(f"wrote {written['json']} and {written['markdown']}"
+            + (f" and {len(written['plots'])} plots" if written["plots"] else ""))
+        if written["plots_skipped"]:
+            log(f"plots skipped: {written['plots_skipped']}")
+    log(f"done in {time.perf_counter() - t0:.1f} s, exit code {result['exit_code']}")
+    return int(result["exit_code"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
