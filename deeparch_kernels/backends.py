@@ -203,11 +203,16 @@ def fast_lookup(key: tuple) -> Optional[Callable]:
 
 def fast_store(key: tuple, op: str, name: str) -> Callable:
     impl = _IMPLS[op][name]
+    fast_remember(key, impl)
+    return impl
+
+
+def fast_remember(key: tuple, value) -> None:
+    """Remember any value (e.g. a backend name) for a fast-path key."""
     if not torch.compiler.is_compiling():
         if len(_FAST) >= _FAST_MAX:
             _FAST.clear()
-        _FAST[key] = impl
-    return impl
+        _FAST[key] = value
 
 
 def cached_choices() -> Mapping[tuple, str]:

@@ -149,8 +149,16 @@ def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") 
 def add_relu_(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """In place: ``x = relu(x + identity)``, torchvision's ``out += identity; out = relu(out)``.
     Returns x."""
-    _check_args("add_relu_", x, identity)
-    name = backends.choose(OP, backend, x.device, _key(x), (x, identity))
+    try:
+        fast = (OP + "_", backend, backends.tensor_sig(x), backends.tensor_sig(identity))
+        name = backends.fast_lookup(fast)
+    except AttributeError:  # not tensors: the checks below say so
+        fast, name = None, None
+    if name is None:
+        _check_args("add_relu_", x, identity)
+        name = backends.choose(OP, backend, x.device, _key(x), (x, identity))
+        if fast is not None:
+            backends.fast_remember(fast, name)
     if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
         # Autograd through the out-of-place op, then an autograd-aware copy into x (like x += y,
         # this raises for a leaf that requires grad).
