@@ -11,7 +11,7 @@ Backends (the same names for every op):
 ``backend="auto"`` takes, among the backends that can run the given inputs, the fastest: on a
 CUDA device it times the candidates once per op, shape, dtype and layout (``aten``, stock
 PyTorch, is always a candidate, so auto is never slower than PyTorch) and caches the winner; on
-the CPU it takes the first of ``cpu``, ``aten``. While torch.compile traces or a CUDA graph is
+the CPU it takes the first of ``cpu``, ``aten`` (or the op's own measured order, set_auto_order). While torch.compile traces or a CUDA graph is
 captured nothing is timed: a cached choice is used, else ``aten`` on CUDA. ``DEEPARCH_AUTOTUNE=0``
 turns timing off (the first candidate of the order below is then taken).
 
@@ -35,6 +35,15 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "aten"),
     "cpu": ("cpu", "aten"),
 }
+
+
+# Per-op overrides of AUTO_ORDER, set by the op files from measurements (see set_auto_order).
+_OP_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
+
+def set_auto_order(op: str, device_type: str, order: Sequence[str]) -> None:
+    """Override the auto candidates' order for one op on one device type."""
+    _OP_ORDER[(op, device_type)] = tuple(order)
 
 
 class BackendUnavailable(RuntimeError):
@@ -163,7 +172,8 @@ def choose(op: str, backend: str, device: torch.device, key: tuple, args: Sequen
     if hit is not None:
         return hit
     why = reasons(op, device, *args)
-    candidates = [b for b in AUTO_ORDER.get(device.type, ("aten",)) if why.get(b) is None]
+    order = _OP_ORDER.get((op, device.type)) or AUTO_ORDER.get(device.type, ("aten",))
+    candidates = [b for b in order if why.get(b) is None]
     if not candidates:
         return "aten"
     if device.type != "cuda" or len(candidates) == 1 or not _autotune_enabled():

@@ -200,3 +200,13 @@ def test_cpp_checks_name_the_argument():
         op(x, torch.randn(4, 2, 3, 3), None, None, [1, 1], [1, 1], True)
     with pytest.raises(RuntimeError, match="stride must be two integers >= 1"):
         op(x, w, None, None, [0, 1], [1, 1], True)
+
+
+def test_auto_order_on_cpu(gen):
+    from deeparch_kernels import backends
+
+    backends.clear_cache()
+    x, w, b, _ = _inputs((1, 4, 6, 6, 4, 3, 1, 1), torch.float32, "cpu", gen, True, True, False)
+    dk.fused_conv2d(x, w, b)
+    picks = [v for (op, _, _), v in backends.cached_choices().items() if op == "fused_conv2d"]
+    assert picks == ["aten"]  # the measured CPU order for conv (ops/conv.py)

@@ -119,6 +119,10 @@ backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default)
+# On the CPU both backends run oneDNN's convolution with our in-place epilogue; measured on the
+# VGG/ResNet batch-1 layers (benchmarks/results/2026-11-27-cpu.md) "aten" was 1.03x eager and
+# the C++ op 0.99x, so "auto" takes "aten" first there.
+backends.set_auto_order(OP, "cpu", ("aten", "cpu"))
 
 
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
