@@ -457,11 +457,9 @@ class FusedSequential(ConvBNFolding, nn.Sequential):
         return f"backend={self.backend!r}"
 
 
-class FusedBasicBlock(ConvBNFolding, BasicBlock):
-    """torchvision's BasicBlock (same constructor, submodules and state_dict) with
-    ``relu(bn1(conv1(x)))`` and ``relu(bn2(conv2(.)) + identity)`` each one fused_conv2d in eval
-    mode (and the downsample's conv1x1 + BN folded), and the residual add + ReLU one add_relu in
-    training. Usable as ``torchvision.models.ResNet(FusedBasicBlock, ...)``."""
+class _FusedBlock(ConvBNFolding):
+    """What FusedBasicBlock and FusedBottleneck share: torchvision's block constructor plus
+    ``backend=``, ``from_block`` (adopting an existing block's submodules), the repr."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -471,11 +469,21 @@ class FusedBasicBlock(ConvBNFolding, BasicBlock):
         self._init_folding(backend)
 
     @classmethod
-    def from_block(cls, block: BasicBlock, backend: str = "auto") -> "FusedBasicBlock":
+    def from_block(cls, block: nn.Module, backend: str = "auto"):
         """The fused block holding ``block``'s own submodules (shared, not copied)."""
         fused = _rebuild_as(cls, block)
         fused._init_folding(backend)
         return fused
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FusedBasicBlock(_FusedBlock, BasicBlock):
+    """torchvision's BasicBlock (same constructor, submodules and state_dict) with
+    ``relu(bn1(conv1(x)))`` and ``relu(bn2(conv2(.)) + identity)`` each one fused_conv2d in eval
+    mode (and the downsample's conv1x1 + BN folded), and the residual add + ReLU one add_relu in
+    training. Usable as ``torchvision.models.ResNet(FusedBasicBlock, ...)``."""
 
     def _fold_pairs(self):
         yield "conv1", self.conv1, self.bn1
@@ -489,29 +497,12 @@ class FusedBasicBlock(ConvBNFolding, BasicBlock):
         out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=True)
         return self._conv_bn("conv2", out, self.conv2, self.bn2, residual=identity, relu=True)
 
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
 
-
-class FusedBottleneck(ConvBNFolding, Bottleneck):
+class FusedBottleneck(_FusedBlock, Bottleneck):
     """torchvision's Bottleneck (same constructor, submodules and state_dict), fused as
     FusedBasicBlock: conv1 and conv2 (+BN+ReLU) one fused_conv2d each in eval mode, conv3 + BN +
     residual + ReLU one fused_conv2d. A conv2 with groups or dilation (ResNeXt, dilated ResNets)
     runs as torch's conv + BN."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
-                 dilation: int = 1, norm_layer=None, *, backend: str = "auto") -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
-                         norm_layer)
-        self._init_folding(backend)
-
-    @classmethod
-    def from_block(cls, block: Bottleneck, backend: str = "auto") -> "FusedBottleneck":
-        """The fused block holding ``block``'s own submodules (shared, not copied)."""
-        fused = _rebuild_as(cls, block)
-        fused._init_folding(backend)
-        return fused
 
     def _fold_pairs(self):
         yield "conv1", self.conv1, self.bn1
@@ -526,9 +517,6 @@ class FusedBottleneck(ConvBNFolding, Bottleneck):
         out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=True)
         out = self._conv_bn("conv2", out, self.conv2, self.bn2, relu=True)
         return self._conv_bn("conv3", out, self.conv3, self.bn3, residual=identity, relu=True)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
 
 
 # --------------------------------------------------------------------------- per-model backend
