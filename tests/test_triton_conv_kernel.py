@@ -288,3 +288,10 @@ def test_gpu_torch_compile_through_triton_op(gen):
     x, w, b, r = _make(gen, 2, 16, 32, 9, 9, 3, 3, (1, 1), (1, 1), torch.float16)
     fn = torch.compile(lambda *a: op(*a, [1, 1], [1, 1], True), fullgraph=True)
     _check(fn(x, w, b, r), x, w, b, r, (1, 1), (1, 1), True)
+
+
+def test_heuristic_configs_are_in_the_autotune_list():
+    keys = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            for c in tconv.conv_configs()]
+    for M, K, C in [(1, 8, 3), (49, 512, 512), (32 * 56 * 56, 64, 64), (32 * 28 * 28, 512, 512)]:
+        assert tconv.heuristic_config(M, K, C) in keys  # so the every-config GPU test covers it

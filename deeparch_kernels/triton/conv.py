@@ -31,6 +31,7 @@ constexprs are False and compile away.
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -174,6 +175,18 @@ def interpreter_config(M: int, K: int, C: int) -> dict:
             "BLOCK_C": _pow2_clamp(C, 16, 64), "num_warps": 4, "num_stages": 1}
 
 
+def heuristic_config(M: int, K: int, C: int) -> dict:
+    """One configuration from the shape, no timing: used when DEEPARCH_TRITON_AUTOTUNE=0 (e.g.
+    correctness runs on a GPU, where autotuning every shape costs minutes of compilation)."""
+    if C <= 16:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 16, "num_warps": 4, "num_stages": 4}
+    if M <= 4096:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 4}
+    if K <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 32, "num_warps": 8, "num_stages": 4}
+
+
 def _config_kwargs(config: Union[Mapping, "triton.Config"]) -> dict:
     if isinstance(config, triton.Config):
         kw = dict(config.kwargs)
@@ -306,6 +319,8 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     if config is None and interpreting():
         config = interpreter_config(M, K, C)
+    elif config is None and os.environ.get("DEEPARCH_TRITON_AUTOTUNE", "1") == "0":
+        config = heuristic_config(M, K, C)
     if config is None:
         wrap_triton(conv_kernel_autotuned)[grid](*args, **meta)
     else:
