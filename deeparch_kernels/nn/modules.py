@@ -68,6 +68,7 @@ __all__ = [
     "FusedConvReLU2d",
     "FusedSequential",
     "fold_conv_bn",
+    "get_backends",
     "set_backend",
     "unsupported_reason",
 ]
