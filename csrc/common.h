@@ -3,7 +3,7 @@
 #pragma once
 #include <torch/types.h>
 
-#define DEEPARCH_API_VERSION 1
+#define DEEPARCH_API_VERSION 2
 
 #define DA_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
 

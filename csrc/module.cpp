@@ -1,7 +1,7 @@
 // The Python module deeparch_kernels._C. Its import registers the C++ and CUDA kernels with the
 // dispatcher (TORCH_LIBRARY_IMPL blocks in the other sources); the schemas themselves are defined
 // in Python (deeparch_kernels/ops/), so the package works, on its other backends, without this
-// module. build_info() lets Python detect a stale or mismatched build.
+// module. autograd.cpp also registers the C++ ops' Autograd kernels. build_info() lets Python detect a stale or mismatched build.
 #include <Python.h>
 #include <torch/types.h>
 
@@ -17,9 +17,11 @@
 
 static PyObject* build_info(PyObject*, PyObject*) {
   // The torch major.minor the extension was compiled against: its ABI is not stable across them.
-  return Py_BuildValue("{s:i,s:O,s:(ii)}", "api_version", DEEPARCH_API_VERSION, "cuda",
+  // cpp_autograd: autograd.cpp registered the Autograd kernels of add_relu and fused_conv2d,
+  // so Python must not register its own (ops/__init__.py).
+  return Py_BuildValue("{s:i,s:O,s:(ii),s:O}", "api_version", DEEPARCH_API_VERSION, "cuda",
                        DEEPARCH_WITH_CUDA ? Py_True : Py_False, "torch_version",
-                       DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR);
+                       DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR, "cpp_autograd", Py_True);
 }
 
 static PyMethodDef methods[] = {

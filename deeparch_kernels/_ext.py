@@ -2,18 +2,20 @@
 
 Importing the package never fails because of the extension: when it is missing, stale (built
 for another API version or another torch) or fails to load, the C++ backends report themselves
-unavailable with the reason, and everything else keeps working.
+unavailable with the reason, and everything else keeps working. DEEPARCH_NO_EXTENSION=1 does not
+import it at all (the package as it is without a build).
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import torch
 
 log = logging.getLogger("deeparch_kernels")
 
-API_VERSION = 1  # must match DEEPARCH_API_VERSION in csrc/common.h
+API_VERSION = 2  # must match DEEPARCH_API_VERSION in csrc/common.h
 
 _state: dict = {"loaded": False, "cuda": False, "reason": "not loaded yet", "info": None}
 
@@ -21,6 +23,9 @@ _state: dict = {"loaded": False, "cuda": False, "reason": "not loaded yet", "inf
 def load() -> None:
     """Import ``_C`` once. The op schemas must be defined before this runs (ops/ does that)."""
     if _state["info"] is not None or _state["reason"] != "not loaded yet":
+        return
+    if os.environ.get("DEEPARCH_NO_EXTENSION", "0") == "1":
+        _state["reason"] = "the C++ extension is switched off (DEEPARCH_NO_EXTENSION=1)"
         return
     try:
         mod = importlib.import_module("deeparch_kernels._C")
@@ -74,5 +79,7 @@ def cuda_reason() -> str | None:
 
 
 def build_info() -> dict | None:
+    """The imported _C's build_info(), also when it is stale (its registrations took effect on
+    import all the same); None when it could not be imported."""
     load()
     return _state["info"]

@@ -6,7 +6,8 @@
   triton      deeparch::add_relu_triton(_) below, kernel in deeparch_kernels/triton/add_relu.py
   aten        torch.add + in-place relu; reference: torch.relu(x + identity)
   fake        torch.empty_like(x): the output keeps x's memory format, like torch
-  backward    both inputs get threshold_backward(grad, out, 0), the gradient torch.relu gives
+  backward    both inputs get threshold_backward(grad, out, 0), the gradient torch.relu gives;
+              in C++ (csrc/autograd.cpp) when the extension is built, else in Python below
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def _backward(ctx, grad):
     return (g if ctx.needs_input_grad[0] else None, g if ctx.needs_input_grad[1] else None)
 
 
-torch.library.register_autograd("deeparch::add_relu", _backward, setup_context=_setup_context)
+def register_python_autograd() -> None:
+    """deeparch::add_relu's autograd in Python: only where the C++ extension (csrc/autograd.cpp,
+    which registers it without a Python call on the path) is missing or stale."""
+    torch.library.register_autograd("deeparch::add_relu", _backward, setup_context=_setup_context)
 
 
 def _dense_like(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

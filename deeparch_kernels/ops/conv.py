@@ -10,7 +10,9 @@
   fake        the output shape, in the memory format torch's conv2d gives (channels_last when
               x or weight is channels_last)
   backward    ReLU mask from the output (threshold_backward), then ATen's convolution_backward
-              for x, weight and bias; the residual gets the masked gradient
+              for x, weight and bias; the residual gets the masked gradient. In C++
+              (csrc/autograd.cpp) when the extension is built, else in Python below; the Triton
+              op keeps the Python one
 
 groups=1 and dilation=1 only; any kernel size, stride >= 1, padding >= 0.
 """
@@ -71,7 +73,10 @@ def _backward(ctx, grad):
     return gx, gw, (gb if has_bias and need[2] else None), (g if need[3] else None), None, None, None
 
 
-torch.library.register_autograd("deeparch::fused_conv2d", _backward, setup_context=_setup_context)
+def register_python_autograd() -> None:
+    """deeparch::fused_conv2d's autograd in Python: only where the C++ extension
+    (csrc/autograd.cpp, the same backward without a Python call on the path) is missing or stale."""
+    torch.library.register_autograd("deeparch::fused_conv2d", _backward, setup_context=_setup_context)
 
 if HAS_TRITON:
 
