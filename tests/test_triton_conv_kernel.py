@@ -173,6 +173,63 @@ def test_forced_configs(cfg, dtype, gen):
     assert torch.equal(y, y2)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k(split_k, dtype, gen):
+    """Split-K (the small-M path): every slice's fp32 partial summed by the second kernel, with
+    the epilogue there. C = 37 with BLOCK_C = 16 is 9 taps x 3 = 27 steps, so 2, 3 and 7 slices
+    cut it evenly, into 9s, and unevenly (six 4s and a 3)."""
+    x, w, b, r = _make(gen, 1, 37, 24, 5, 7, 3, 3, (1, 1), (1, 1), dtype)
+    x[0, 4, 2, 3] = float("nan")  # NaN in one slice's partial must reach the output
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16}
+    y = tconv.fused_conv2d(x, w, b, r, (1, 1), (1, 1), True, config=cfg, split_k=split_k)
+    ref = _ref(x, w, b, r, (1, 1), (1, 1), True)
+    assert torch.isnan(ref).any()
+    assert_nonfinite_match(y, ref)
+    assert rel_err(y, ref) <= TOL[dtype]
+    x[0, 4, 2, 3] = 0.5
+    y1 = tconv.fused_conv2d(x, w, b, r, (1, 1), (1, 1), True, config=cfg, split_k=1)
+    ys = tconv.fused_conv2d(x, w, b, r, (1, 1), (1, 1), True, config=cfg, split_k=split_k)
+    _check(ys, x, w, b, r, (1, 1), (1, 1), True)
+    assert rel_err(ys, y1.double()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bias,res,relu", [(False, False, False), (True, True, False)])
+def test_split_k_epilogue_variants(bias, res, relu, gen):
+    x, w, b, r = _make(gen, 2, 16, 20, 5, 5, 3, 3, (2, 2), (1, 1), torch.float32, bias=bias, res=res)
+    y = tconv.fused_conv2d(x, w, b, r, (2, 2), (1, 1), relu, split_k=4,
+                           config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16})
+    _check(y, x, w, b, r, (2, 2), (1, 1), relu)
+    assert (y < 0).any()
+
+
+def test_split_k_more_slices_than_steps(gen):
+    """1x1 with C = 16 is one step: five of six slices are empty and must add zeros."""
+    x, w, b, r = _make(gen, 1, 16, 24, 5, 7, 1, 1, (1, 1), (0, 0), torch.float32)
+    y = tconv.fused_conv2d(x, w, b, r, (1, 1), (0, 0), True, split_k=6,
+                           config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16})
+    _check(y, x, w, b, r, (1, 1), (0, 0), True)
+
+
+def test_split_k_heuristic():
+    """Split only where the output tiles leave most SMs idle (132-SM H200/H100 SXM)."""
+    sk = tconv.split_k_for
+    assert sk(196, 256, 256, 3, 3, 132) == 8      # 256x14x14 at batch 1: 16 tiles
+    assert sk(49, 512, 512, 3, 3, 132) == 8       # 512x7x7 at batch 1: 8 tiles
+    assert sk(3136, 256, 256, 3, 3, 132) == 1     # 256x56x56 at batch 1: 196 tiles
+    assert sk(32 * 49, 512, 512, 3, 3, 132) == 1  # 512x7x7 at batch 32
+    assert sk(196, 256, 64, 1, 1, 132) == 1       # one 64-channel step: nothing to split
+    assert sk(49, 64, 256, 1, 1, 132) == 1        # 4 steps: one slice
+
+
+def test_bad_split_k():
+    x, w = torch.randn(1, 3, 5, 5, device=DEVICE), torch.randn(4, 3, 3, 3, device=DEVICE)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+            tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True, split_k=bad)
+
+
 def test_config_list_is_sane():
     cfgs = tconv.conv_configs()
     assert {c.num_warps for c in cfgs} >= {4, 8}

@@ -14,6 +14,11 @@ mask for the image border / padding and c >= C (masked values are 0), the B tile
 [BLOCK_C, BLOCK_N] is read from weight[k, r, s, c], and ``tl.dot`` accumulates in fp32.
 One flat loop (not a loop per tap) lets Triton software-pipeline it across taps.
 
+Split-K (small M: the 14x14 and 7x7 layers at batch 1 give 8-16 output tiles for 132 SMs):
+``split_k_for`` cuts the reduction into up to 8 contiguous slices, program_id(1) picks one,
+and each writes its fp32 partial tile to a workspace; ``splitk_epilogue_kernel`` then sums the
+slices in a fixed order (deterministic, no atomics) and applies the epilogue.
+
 Epilogue (Triton tutorial 03 pattern), on the fp32 accumulator before the single down-cast:
 ``+ bias[k]``, ``+ residual`` (loaded, widened to fp32), then ReLU as ``where(v < 0, 0, v)``,
 which lets NaN through exactly as torch.relu does. Base offsets are 64-bit.
@@ -31,6 +36,7 @@ constexprs are False and compile away.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping, Optional, Sequence, Union
 
@@ -50,9 +56,11 @@ def conv_configs() -> list:
     """Autotuning candidates (the GPU tests run every one of them for correctness).
 
     All fit an H100/H200's 227 KB of shared memory in fp32 too (stages * (BM*BC + BC*BN) *
-    4 bytes <= 192 KB), and none spills registers for fp16/bf16/TF32 (3x3, C % 16 == 0,
-    compiled for sm_90 with Triton 3.8, no GPU needed; 128x256 and 256x128 tiles did spill, so
-    they are not here). Large tiles for big M and K = 128..512, narrow ones for small M (e.g.
+    4 bytes <= 192 KB). scripts/triton_aot_check.py compiles each for sm_90 without a GPU, as
+    the runtime specialises them: on the benchmarked shapes (channels multiples of 64) none
+    spills in fp16/bf16/TF32/fp32 with Triton 3.6 or 3.8 (128x256 and 256x128 tiles did, so
+    they are not here); odd channel counts and the C = 3 stem take the masked path, where the
+    large tiles spill (correct, slower). Large tiles for big M and K = 128..512, narrow ones for small M (e.g.
     512x7x7 at batch 1, M = 49) so that more programs run, and BLOCK_C = 16 for the C = 3 stem.
     """
     c = triton.Config
@@ -79,8 +87,39 @@ def conv_configs() -> list:
 
 
 @triton.jit
+def _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+                    srn, src, srh, srw, syn, syk, syh, syw,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                    EXACT_BF16: tl.constexpr):
+    """The fused epilogue on an fp32 [BLOCK_M, BLOCK_N] tile (rows m = (n, ho, wo), columns =
+    output channels): + bias, + residual, ReLU (NaN passes), one down-cast, store into y."""
+    m_mask = offs_m < M
+    n_mask = offs_n < K
+    hw = Ho * Wo
+    n_img = offs_m // hw
+    rem = offs_m - n_img * hw
+    ho = rem // Wo
+    wo = rem - ho * Wo
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_row = n_img * srn + ho * srh + wo * srw
+        res = tl.load(r_ptr + (r_row[:, None] + (offs_n.to(tl.int64) * src)[None, :]),
+                      mask=out_mask, other=0.0).to(tl.float32)
+        acc += res
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN < 0 is False: NaN passes, as in torch.relu
+
+    y_row = n_img * syn + ho * syh + wo * syw
+    y_ptrs = y_ptr + (y_row[:, None] + (offs_n.to(tl.int64) * syk)[None, :])
+    tl.store(y_ptrs, cast_out(acc, y_ptr, EXACT_BF16), mask=out_mask)
+
+
+@triton.jit
 def conv_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
     N, H, W, C, K, Ho, Wo,
     SH, SW, PH, PW,
     sxn, sxc, sxh, sxw,  # x (N, C, H, W) strides
@@ -90,9 +129,12 @@ def conv_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, EXACT_BF16: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Program -> output tile; the K tiles of one row block are neighbours (x reuse in L2).
+    # With SPLIT_K > 1, program_id(1) takes one contiguous slice of the reduction and writes
+    # its fp32 partial tile to ws[split, m, k]; splitk_epilogue_kernel sums them in order.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(K, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -119,7 +161,13 @@ def conv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_cb = tl.cdiv(C, BLOCK_C)
-    for it in range(0, KH * KW * num_cb):
+    it_lo = 0
+    it_hi = KH * KW * num_cb
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(it_hi, SPLIT_K)
+        it_lo = tl.program_id(1) * per_split
+        it_hi = tl.minimum(it_hi, it_lo + per_split)
+    for it in range(it_lo, it_hi):
         tap = it // num_cb
         c0 = (it - tap * num_cb) * BLOCK_C
         r = tap // KW
@@ -139,28 +187,45 @@ def conv_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue on the fp32 accumulator.
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        r_row = n_img * srn + ho.to(tl.int64) * srh + wo.to(tl.int64) * srw
-        res = tl.load(r_ptr + (r_row[:, None] + (offs_n.to(tl.int64) * src)[None, :]),
-                      mask=out_mask, other=0.0).to(tl.float32)
-        acc += res
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN < 0 is False: NaN passes, as in torch.relu
+    if SPLIT_K > 1:
+        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * M * K
+                   + (offs_m[:, None] * K + offs_n[None, :].to(tl.int64)))
+        tl.store(ws_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+                        srn, src, srh, srw, syn, syk, syh, syw,
+                        HAS_BIAS, HAS_RES, RELU, EXACT_BF16)
 
-    y_row = n_img * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
-    y_ptrs = y_ptr + (y_row[:, None] + (offs_n.to(tl.int64) * syk)[None, :])
-    tl.store(y_ptrs, cast_out(acc, y_ptr, EXACT_BF16), mask=out_mask)
+
+@triton.jit
+def splitk_epilogue_kernel(
+    ws_ptr, b_ptr, r_ptr, y_ptr,
+    M, K, MK, Ho, Wo,
+    srn, src, srh, srw,
+    syn, syk, syh, syw,
+    n_split,  # a runtime loop bound: a constexpr one is unrolled, its loads all kept live
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    EXACT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Second pass of split-K: y = epilogue(sum over splits of ws[split]), the splits summed
+    in a fixed order (deterministic, no atomics)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < K)[None, :]
+    ptrs = ws_ptr + (offs_m[:, None] * K + offs_n[None, :].to(tl.int64))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, n_split):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += MK  # M * K, from the host (64-bit there when it must be)
+    _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+                    srn, src, srh, srw, syn, syk, syh, syw,
+                    HAS_BIAS, HAS_RES, RELU, EXACT_BF16)
 
 
 conv_kernel_autotuned = triton.autotune(
     configs=conv_configs(),
     key=["N", "H", "W", "C", "K", "Ho", "Wo", "SH", "SW", "PH", "PW", "KH", "KW",
-         "HAS_BIAS", "HAS_RES", "INPUT_PRECISION"],  # tensor dtypes are added by Triton
+         "HAS_BIAS", "HAS_RES", "INPUT_PRECISION", "SPLIT_K"],  # tensor dtypes are added by Triton
 )(conv_kernel)
 
 
@@ -273,10 +338,34 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # Triton's default; for fp16/bf16 operands it has no effect
 
 
+def splitk_epilogue_blocks(M: int, K: int, interpret: bool) -> tuple:
+    """(BLOCK_M, BLOCK_N) of splitk_epilogue_kernel: 32x64 on the GPU (56 registers on sm_90,
+    no spills), one large tile in the interpreter."""
+    if interpret:
+        return _pow2_clamp(M, 16, 128), _pow2_clamp(K, 16, 128)
+    return 32, _pow2_clamp(K, 16, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_k_for(M: int, K: int, C: int, kh: int, kw: int, sm_count: int) -> int:
+    """How many slices to cut the reduction into (1: none). Split only when the output tiles
+    alone would leave most of the GPU idle, e.g. a 14x14 or 7x7 layer at batch 1 (M = 196 or
+    49: 16 or 8 tiles of 64x64 on 132 SMs), and keep >= 4 steps of 64 channels per slice."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(K, 64)
+    if tiles * 2 > sm_count:
+        return 1
+    steps = kh * kw * triton.cdiv(C, 64)
+    return max(1, min(8, triton.cdiv(sm_count, tiles), steps // 4))
+
+
 def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                 relu: bool, *, config: Optional[Union[Mapping, "triton.Config"]] = None
-                 ) -> torch.Tensor:
+                 relu: bool, *, config: Optional[Union[Mapping, "triton.Config"]] = None,
+                 split_k: Optional[int] = None) -> torch.Tensor:
     """``relu?(conv2d(x, weight, stride, padding) + bias + residual)``, returned channels_last.
 
     x (N, C, H, W), weight (K, C, kh, kw), bias (K,) or None, residual (N, K, Ho, Wo) or None,
@@ -284,7 +373,10 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     Inputs in any memory format are made channels_last here (a no-op when they already are).
     ``config`` (a dict with BLOCK_M, BLOCK_N, BLOCK_C and optional num_warps, num_stages, or a
     triton.Config) forces one configuration instead of autotuning; under TRITON_INTERPRET=1 a
-    single large-block configuration is used unless config is given.
+    single large-block configuration is used unless config is given. ``split_k`` forces the
+    number of reduction slices (None: ``split_k_for`` on the GPU, 1 under the interpreter);
+    with more than one, each slice writes an fp32 partial and a second kernel sums them and
+    applies the epilogue.
     """
     (sh, sw), (ph, pw), out_shape = _check(x, weight, bias, residual, stride, padding)
     N, C, H, W = x.shape
@@ -303,19 +395,27 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if M == 0 or K == 0:
         return y
 
+    if split_k is None:
+        split_k = 1 if interpreting() else split_k_for(M, K, C, kh, kw, _sm_count(x.device.index or 0))
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"{_OP}: split_k must be an int >= 1, got {split_k!r}")
+    b_arg = bias if bias is not None else y
+    r_arg = residual if residual is not None else y
+    r_strides = residual.stride() if residual is not None else y.stride()
+    # fp32 partial sums of the split-K slices (a dummy pointer without split-K).
+    ws = torch.empty((split_k, M, K) if split_k > 1 else (1,), device=x.device, dtype=torch.float32)
     args = (
-        x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
+        x, weight, b_arg, r_arg, y, ws,
         N, H, W, C, K, Ho, Wo,
         sh, sw, ph, pw,
-        *x.stride(), *weight.stride(),
-        *(residual.stride() if residual is not None else y.stride()), *y.stride(),
+        *x.stride(), *weight.stride(), *r_strides, *y.stride(),
     )
     meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                 RELU=bool(relu), INPUT_PRECISION=_input_precision(x.dtype),
-                DOT_FP32=interpreting(), EXACT_BF16=exact_bf16(x.dtype))
+                DOT_FP32=interpreting(), EXACT_BF16=exact_bf16(x.dtype), SPLIT_K=split_k)
 
     def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]),)
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_N"]), split_k)
 
     if config is None and interpreting():
         config = interpreter_config(M, K, C)
@@ -325,4 +425,10 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         wrap_triton(conv_kernel_autotuned)[grid](*args, **meta)
     else:
         wrap_triton(conv_kernel)[grid](*args, **meta, **_config_kwargs(config))
+    if split_k > 1:
+        bm, bn = splitk_epilogue_blocks(M, K, interpreting())
+        wrap_triton(splitk_epilogue_kernel)[(triton.cdiv(M, bm), triton.cdiv(K, bn))](
+            ws, b_arg, r_arg, y, M, K, M * K, Ho, Wo, *r_strides, *y.stride(), split_k,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            RELU=bool(relu), EXACT_BF16=exact_bf16(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return y
