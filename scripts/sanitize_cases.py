@@ -1,6 +1,6 @@
 """Small cases that exercise every CUDA kernel path, for compute-sanitizer (memcheck, racecheck):
-aligned and unaligned add+ReLU, the tensor-core conv path (C, K multiples of 8), the generic path
-(C=3, odd K), strides 1 and 2, 1x1/3x3/7x7, every epilogue."""
+aligned and unaligned add+ReLU, the tensor-core conv path (C, K multiples of 8) with and without
+split-K, the generic path (C=3, odd K), strides 1 and 2, 1x1/3x3/7x7, every epilogue."""
 import itertools
 
 import torch
@@ -16,7 +16,8 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         dk.add_relu(a[1:], b[1:], backend="cuda")  # unaligned: scalar path
         dk.add_relu(a[:n], b[:n], backend="cuda")
     for (C, K, k, s), (bias, res, relu) in itertools.product(
-        [(3, 16, 7, 2), (16, 24, 3, 1), (32, 64, 3, 2), (64, 64, 1, 1), (5, 7, 3, 1)],
+        [(3, 16, 7, 2), (16, 24, 3, 1), (32, 64, 3, 2), (64, 64, 1, 1), (5, 7, 3, 1),
+         (264, 64, 3, 1)],  # the last: split-K in 10 slices, one of them empty
         itertools.product([False, True], repeat=3),
     ):
         x = torch.randn(2, C, 13, 11, device=dev, dtype=dtype, generator=g).contiguous(memory_format=torch.channels_last)

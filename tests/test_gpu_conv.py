@@ -119,6 +119,24 @@ def test_nan_never_passes_as_number(backend, dtype, cgen):
     assert_nonfinite_match(out, ref)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 512, 7, 7, 512), (2, 264, 13, 11, 64), (1, 256, 14, 14, 256)],
+                         ids=str)
+def test_small_m_split_k(backend, dtype, shape, cgen):
+    """Shapes whose few output tiles make both backends split the reduction (cuda: 16, 10 and 9
+    slices, the 10 uneven with one empty; triton: up to 8), every epilogue, NaN kept."""
+    _backend_or_skip(backend)
+    N, C, H, W, K = shape
+    for bias, res, relu in [(True, True, True), (False, False, False), (True, False, True)]:
+        x, w, b, r, p = _case(N, C, H, W, K, 3, 1, dtype, bias, res, cgen)
+        out = dk.fused_conv2d(x, w, b, residual=r, relu=relu, backend=backend)
+        _check(out, x, w, b, r, 1, p, relu, dtype)
+    x[0, 3, 2, 2] = float("nan")
+    out = dk.fused_conv2d(x, w, b, residual=r, relu=True, backend=backend)
+    assert_nonfinite_match(out, _ref(x, w, b, r, 1, p, True))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_every_config(dtype, cgen):
     _backend_or_skip("triton")
@@ -128,8 +146,13 @@ def test_triton_every_config(dtype, cgen):
         N, C, H, W, K, k, s = shape
         x, w, b, r, p = _case(N, C, H, W, K, k, s, dtype, True, s == 1, cgen)
         for cfg in tconv.conv_configs():
-            out = tconv.fused_conv2d(x, w, b, r, (s, s), (p, p), True, config=cfg)
+            out = tconv.fused_conv2d(x, w, b, r, (s, s), (p, p), True, config=cfg, split_k=1)
             _check(out, x, w, b, r, s, p, True, dtype)
+    # Split-K (chosen for small M): every config again, on a batch-1 14x14 layer, in 3 slices.
+    x, w, b, r, p = _case(1, 256, 14, 14, 256, 3, 1, dtype, True, True, cgen)
+    for cfg in tconv.conv_configs():
+        out = tconv.fused_conv2d(x, w, b, r, (1, 1), (p, p), True, config=cfg, split_k=3)
+        _check(out, x, w, b, r, 1, p, True, dtype)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "aten"])

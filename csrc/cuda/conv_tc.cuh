@@ -86,10 +86,15 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 
 // One block computes the BM x BN output tile number blockIdx.x (N-tiles fastest, so the blocks
 // that run together share their A rows in L2). T: at::Half or at::BFloat16.
+//
+// Split-K (gridDim.y > 1, `partial` != nullptr): block y reduces only its contiguous slice of the
+// k-tiles and writes the fp32 tile to partial[(y*M + m)*K + k] (no epilogue); splitk_epilogue
+// then sums the gridDim.y slices in order and applies Epilogue::store. A slice may be empty
+// (it then writes zeros).
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(Tile::THREADS, Tile::MIN_BLOCKS)
     conv_tc_kernel(const T* __restrict__ x, const T* __restrict__ w, const ConvShape s,
-                   const Epilogue<T> epi, const int tiles_n) {
+                   const Epilogue<T> epi, const int tiles_n, float* __restrict__ partial) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, STAGES = Tile::STAGES;
   constexpr int WM = Tile::WM, WN = Tile::WN, MI = Tile::MI, NI = Tile::NI;
@@ -145,7 +150,21 @@ __global__ void __launch_bounds__(Tile::THREADS, Tile::MIN_BLOCKS)
     int64_t x_delta;  // (r*W + s)*C + c0: offset of this tap/c-block relative to (n, hi0, wi0)
     int64_t w_delta;  // (r*S + s)*C + c0: offset within a weight row
   };
-  Cursor cur{0, 0, 0, 0, 0};
+  // This block's k-tiles: all of them, or its slice [kt_lo, kt_lo + kt_count) under split-K.
+  const int c_blocks = (s.C + BK - 1) / BK;
+  const int kt_total = s.R * s.S * c_blocks;
+  const int kt_per = (kt_total + static_cast<int>(gridDim.y) - 1) / static_cast<int>(gridDim.y);
+  const int kt_lo = min(kt_total, static_cast<int>(blockIdx.y) * kt_per);
+  const int kt_count = min(kt_total - kt_lo, kt_per);
+  Cursor cur;
+  {
+    const int tap = kt_lo / c_blocks;
+    cur.r = tap / s.S;
+    cur.s = tap - cur.r * s.S;
+    cur.c0 = (kt_lo - tap * c_blocks) * BK;
+    cur.x_delta = (static_cast<int64_t>(cur.r) * s.W + cur.s) * s.C + cur.c0;
+    cur.w_delta = (static_cast<int64_t>(cur.r) * s.S + cur.s) * s.C + cur.c0;
+  }
   auto advance = [&]() {
     cur.c0 += BK;
     if (cur.c0 < s.C) {
@@ -161,7 +180,6 @@ __global__ void __launch_bounds__(Tile::THREADS, Tile::MIN_BLOCKS)
     cur.x_delta = (static_cast<int64_t>(cur.r) * s.W + cur.s) * s.C;
     cur.w_delta = (static_cast<int64_t>(cur.r) * s.S + cur.s) * s.C;
   };
-  const int kt_count = s.R * s.S * ((s.C + BK - 1) / BK);
 
   // Copies the cursor's k-tile into ring stage `stage`; zero-fills what lies outside.
   auto load_tile = [&](int stage) {
@@ -280,13 +298,44 @@ __global__ void __launch_bounds__(Tile::THREADS, Tile::MIN_BLOCKS)
       const int64_t m = m0 + warp_m * WM + mi * 16 + row;
       const int k = n0 + warp_n * WN + grp * 8;
       if (m < s.M && k < s.K) {
-        const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-        epi.template store<8>(m, k, v);
+        if (partial != nullptr) {  // split-K: the raw fp32 partial, two 16-byte stores
+          float4* dst = reinterpret_cast<float4*>(
+              partial + (static_cast<int64_t>(blockIdx.y) * s.M + m) * s.K + k);
+          dst[0] = lo;
+          dst[1] = hi;
+        } else {
+          const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          epi.template store<8>(m, k, v);
+        }
       }
     }
     __syncwarp();
   }
 #endif  // __CUDA_ARCH__ >= 800 (the host launches this kernel only on such devices)
+}
+
+// Second pass of split-K: one thread per (m, 8 channels): y[m, k..k+8) = epilogue(sum over the
+// `splits` slices of partial[(i*M + m)*K + k..]), summed in slice order (deterministic, no
+// atomics). K % 8 == 0 and 16-byte aligned buffers, as for conv_tc_kernel.
+template <typename T>
+__global__ void splitk_epilogue(const float* __restrict__ partial, const int64_t M, const int K,
+                                const int splits, const Epilogue<T> epi) {
+  const int groups = K / 8;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= M * groups) return;
+  const int64_t m = item / groups;
+  const int k = static_cast<int>(item - m * groups) * 8;
+  const int64_t slice = M * K;
+  const float4* src = reinterpret_cast<const float4*>(partial + m * K + k);
+  float4 a = src[0], b = src[1];
+  for (int i = 1; i < splits; ++i) {
+    src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(src) + slice);
+    const float4 c = src[0], d = src[1];
+    a.x += c.x; a.y += c.y; a.z += c.z; a.w += c.w;
+    b.x += d.x; b.y += d.y; b.z += d.z; b.w += d.w;
+  }
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  epi.template store<8>(m, k, v);
 }
 
 }  // namespace conv

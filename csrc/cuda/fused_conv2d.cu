@@ -18,7 +18,9 @@
 //       TcTileLarge 128x128x32, 8 warps (64x32 each), 64 KB smem, 2 blocks/SM: when K > 64 and
 //                   the 128x128 tiles number at least 2 per SM (enough to fill the GPU);
 //       TcTileSmall  64x64x32, 4 warps (32x32 each), 32 KB smem: otherwise (batch-1 7x7/14x14
-//                   layers, K <= 64).
+//                   layers, K <= 64); with split-K when even these tiles leave most SMs idle
+//                   (split_k_for): blockIdx.y slices the reduction, fp32 partials go to a
+//                   workspace, and splitk_epilogue sums them and applies the epilogue.
 //  2. conv_simt_kernel<T> (conv_simt.cuh): everything else (fp32, C or K % 8 != 0 such as C = 3
 //     first layers, unaligned views, pre-sm_80 devices): 64x64x16 tiles, exact fp32 FMA.
 //  Both end in Epilogue<T>::store (conv_common.cuh), the one fused epilogue: fp32
@@ -99,16 +101,39 @@ int grid_size(int64_t tiles_m, int64_t tiles_n) {
   return static_cast<int>(blocks);
 }
 
+// split > 1: `partial` is a (split, M, K) fp32 workspace; the tile kernel writes the slices'
+// partial sums there and splitk_epilogue finishes.
 template <typename T, typename Tile>
 void launch_tc(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& epi, int dev,
-               cudaStream_t stream) {
+               cudaStream_t stream, int split = 1, float* partial = nullptr) {
   static std::atomic<uint64_t> smem_ready{0};  // one per instantiation
   const int tiles_n = static_cast<int>(ceil_div(s.K, Tile::BN));
   const int blocks = grid_size(ceil_div(s.M, Tile::BM), tiles_n);
   auto kernel = &conv_tc_kernel<T, Tile>;
   allow_dynamic_smem(kernel, Tile::SMEM_BYTES, dev, smem_ready);
-  kernel<<<blocks, Tile::THREADS, Tile::SMEM_BYTES, stream>>>(x, w, s, epi, tiles_n);
+  const dim3 grid(blocks, split);
+  kernel<<<grid, Tile::THREADS, Tile::SMEM_BYTES, stream>>>(x, w, s, epi, tiles_n,
+                                                             split > 1 ? partial : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (split > 1) {
+    constexpr int kThreads = 256;
+    const int64_t items = s.M * (s.K / 8);
+    splitk_epilogue<T><<<grid_size(ceil_div(items, kThreads), 1), kThreads, 0, stream>>>(
+        partial, s.M, s.K, split, epi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Split-K for the small tile: how many slices of the reduction (1: none). Only when the 64x64
+// output tiles alone would leave more than half of the SMs idle (e.g. 256x14x14 at batch 1:
+// 16 tiles for 132 SMs), up to one block per SM, at most 16 slices, each >= 8 k-tiles of 32
+// channels (shorter slices spend more on the pipeline fill and the fp32 round trip than they save).
+int split_k_for(int64_t M, int K, int R, int S, int C, int sm_count) {
+  const int64_t tiles = ceil_div(M, TcTileSmall::BM) * ceil_div(K, TcTileSmall::BN);
+  if (tiles * 2 > sm_count) return 1;
+  const int64_t k_tiles = int64_t{R} * S * ceil_div(C, TcTileSmall::BK);
+  const int64_t split = std::min<int64_t>({16, ceil_div(sm_count, tiles), k_tiles / 8});
+  return static_cast<int>(std::max<int64_t>(1, split));
 }
 
 template <typename T>
@@ -131,7 +156,7 @@ bool use_large_tile(int64_t M, int K, int sm_count) {
 // Which kernel runs; see the file comment.
 template <typename T>
 void launch_conv(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& epi, int dev,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, const at::TensorOptions& opts) {
   if constexpr (!std::is_same<T, float>::value) {
     const bool tc_shape = s.C > 0 && s.C % 8 == 0 && s.K % 8 == 0;
     if (tc_shape && aligned16(x) && aligned16(w) && aligned16(epi.y)) {
@@ -139,6 +164,13 @@ void launch_conv(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& 
       if (info.major >= 8) {
         if (use_large_tile(s.M, s.K, info.sm_count)) {
           launch_tc<T, TcTileLarge>(x, w, s, epi, dev, stream);
+          return;
+        }
+        const int split = split_k_for(s.M, s.K, s.R, s.S, s.C, info.sm_count);
+        if (split > 1) {
+          // From the caching allocator, stream-ordered: freed on return, reused by the next call.
+          const at::Tensor ws = at::empty({split, s.M, s.K}, opts.dtype(at::kFloat));
+          launch_tc<T, TcTileSmall>(x, w, s, epi, dev, stream, split, ws.mutable_data_ptr<float>());
         } else {
           launch_tc<T, TcTileSmall>(x, w, s, epi, dev, stream);
         }
@@ -208,7 +240,8 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
       epi.relu = relu;
       epi.bias_vec = epi.bias != nullptr && aligned16(epi.bias);
       epi.res_vec = epi.residual != nullptr && aligned16(epi.residual);
-      launch_conv<T>(xc.const_data_ptr<T>(), wc.const_data_ptr<T>(), s, epi, dev, stream);
+      launch_conv<T>(xc.const_data_ptr<T>(), wc.const_data_ptr<T>(), s, epi, dev, stream,
+                     x.options());
     });
   }
   return channels_last_out ? y : y.contiguous();
