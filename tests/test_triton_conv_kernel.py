@@ -347,6 +347,25 @@ def test_gpu_torch_compile_through_triton_op(gen):
     _check(fn(x, w, b, r), x, w, b, r, (1, 1), (1, 1), True)
 
 
+def test_autotune_pruning():
+    """Tiles mostly padding for the shape are not compiled or timed; something always stays."""
+    cfgs = tconv.conv_configs()
+
+    def kept(N, Ho, K, C):
+        return tconv.prune_configs(cfgs, {"N": N, "Ho": Ho, "Wo": Ho, "K": K, "C": C})
+
+    stem = kept(32, 112, 64, 3)
+    assert stem and all(c.kwargs["BLOCK_C"] == 16 for c in stem)
+    small_m = kept(1, 7, 512, 512)  # M = 49
+    assert small_m and all(c.kwargs["BLOCK_M"] <= 64 for c in small_m)
+    assert any(c.kwargs["BLOCK_M"] == 32 for c in small_m)
+    k64 = kept(32, 56, 64, 64)
+    assert k64 and all(c.kwargs["BLOCK_N"] <= 64 for c in k64)
+    assert len(kept(32, 28, 512, 512)) == len(cfgs)  # a big layer keeps every candidate
+    tiny = kept(1, 1, 8, 3)
+    assert len(tiny) == 1 and tiny[0] in cfgs
+
+
 def test_heuristic_configs_are_in_the_autotune_list():
     keys = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
             for c in tconv.conv_configs()]

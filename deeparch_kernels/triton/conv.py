@@ -222,8 +222,32 @@ def splitk_epilogue_kernel(
                     HAS_BIAS, HAS_RES, RELU, EXACT_BF16)
 
 
+def prune_configs(configs, nargs, **kwargs) -> list:
+    """The autotuner's early pruning: drop the configurations whose tiles are mostly padding for
+    this shape, so that fewer are compiled and timed (minutes on first use otherwise).
+
+      * BLOCK_C above max(16, C rounded up to a power of two): the C = 3 stem keeps BLOCK_C = 16;
+      * BLOCK_M above max(32, M rounded up), BLOCK_N above max(32, K rounded up): e.g. the 7x7
+        layers at batch 1 (M = 49) keep BLOCK_M <= 64, K = 64 layers keep BLOCK_N <= 64.
+    What is left always includes heuristic_config's choice when it is in the list.
+    """
+    M = nargs["N"] * nargs["Ho"] * nargs["Wo"]
+    K, C = nargs["K"], nargs["C"]
+    cap_c = max(16, triton.next_power_of_2(max(int(C), 1)))
+    cap_m = max(32, triton.next_power_of_2(max(int(M), 1)))
+    cap_n = max(32, triton.next_power_of_2(max(int(K), 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap_c and c.kwargs["BLOCK_M"] <= cap_m
+            and c.kwargs["BLOCK_N"] <= cap_n]
+    if kept:
+        return kept
+    want = heuristic_config(int(M), int(K), int(C))
+    return [c for c in configs if dict(c.kwargs, num_warps=c.num_warps,
+                                       num_stages=c.num_stages) == want] or list(configs)
+
+
 conv_kernel_autotuned = triton.autotune(
     configs=conv_configs(),
+    prune_configs_by={"early_config_prune": prune_configs},
     key=["N", "H", "W", "C", "K", "Ho", "Wo", "SH", "SW", "PH", "PW", "KH", "KW",
          "HAS_BIAS", "HAS_RES", "INPUT_PRECISION", "SPLIT_K"],  # tensor dtypes are added by Triton
 )(conv_kernel)
