@@ -47,6 +47,40 @@ def test_builder_matches_torchvision_on_gpu(name, dtype):
     assert r.error is None and r.passed, str(r)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+def test_cuda_graph_capture_and_replay(backend):
+    """Batch-1 latency is host overhead: a fused ResNet-18 must be capturable in a CUDA graph
+    (after a warm-up call has made every choice: autotuning, backend timing, split-K workspace)
+    and its replays must give the eager result on new inputs."""
+    if backend != "auto" and not dk.available_backends("cuda")[backend].available:
+        pytest.skip(dk.available_backends("cuda")[backend].reason)
+    torch.manual_seed(3)
+    m = models.resnet18(num_classes=10, backend=backend)
+    randomize_batchnorm(m, torch.Generator().manual_seed(3))
+    m = m.to("cuda", torch.float16, memory_format=torch.channels_last).eval()
+    static_x = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m(static_x)  # warm-up off the default stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = m(static_x)
+        for seed in (4, 5):
+            torch.manual_seed(seed)
+            static_x.copy_(torch.randn_like(static_x))
+            g.replay()
+            torch.cuda.synchronize()
+            want = m(static_x)
+            assert torch.isfinite(static_y).all()
+            assert rel_err(static_y, want.double()) <= 1e-3
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
 def test_builder_structure_and_init_are_torchvisions(name):
     torch.manual_seed(5)
