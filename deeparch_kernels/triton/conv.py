@@ -121,6 +121,7 @@ def _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
 def conv_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
     N, H, W, C, K, Ho, Wo,
+    M,  # N * Ho * Wo from the host: 64-bit there when it passes 2^31 (a product here would wrap)
     SH, SW, PH, PW,
     sxn, sxc, sxh, sxw,  # x (N, C, H, W) strides
     swk, swc, swh, sww,  # weight (K, C, KH, KW) strides
@@ -140,7 +141,6 @@ def conv_kernel(
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
 
-    M = N * Ho * Wo
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M may pass 2^31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
@@ -430,7 +430,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ws = torch.empty((split_k, M, K) if split_k > 1 else (1,), device=x.device, dtype=torch.float32)
     args = (
         x, weight, b_arg, r_arg, y, ws,
-        N, H, W, C, K, Ho, Wo,
+        N, H, W, C, K, Ho, Wo, M,
         sh, sw, ph, pw,
         *x.stride(), *weight.stride(), *r_strides, *y.stride(),
     )
