@@ -17,7 +17,7 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         dk.add_relu(a[:n], b[:n], backend="cuda")
     for (C, K, k, s), (bias, res, relu) in itertools.product(
         [(3, 16, 7, 2), (16, 24, 3, 1), (32, 64, 3, 2), (64, 64, 1, 1), (5, 7, 3, 1),
-         (264, 64, 3, 1)],  # the last: split-K in 10 slices, one of them empty
+         (264, 64, 3, 1)],  # the last: split-K (9 slices of 9 k-tiles)
         itertools.product([False, True], repeat=3),
     ):
         x = torch.randn(2, C, 13, 11, device=dev, dtype=dtype, generator=g).contiguous(memory_format=torch.channels_last)

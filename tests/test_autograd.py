@@ -110,3 +110,27 @@ def test_python_autograd_without_the_extension():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+
+
+@needs_ext
+def test_double_backward_matches_torch(gen):
+    """create_graph=True: d/dw of <dL/dx, v>, through the C++ backward, against float64 torch."""
+    x = randn(1, 4, 6, 5, gen=gen)
+    w = randn(5, 4, 3, 3, gen=gen, scale=0.3)
+    b = randn(5, gen=gen)
+    r = randn(1, 5, 6, 5, gen=gen)
+    go, v = randn(1, 5, 6, 5, gen=gen), randn(1, 4, 6, 5, gen=gen)
+
+    def second_order(conv, x, w, b, r):
+        x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        y = conv(x, w, b, r)
+        (gx,) = torch.autograd.grad(y, x, go.to(y.dtype), create_graph=True)
+        (gw,) = torch.autograd.grad((gx * v.to(gx.dtype)).sum(), w)
+        return gx, gw
+
+    ours = second_order(lambda x, w, b, r: dk.fused_conv2d(x, w, b, residual=r, backend="cpu"),
+                        x, w, b, r)
+    ref = second_order(lambda x, w, b, r: torch.relu(F.conv2d(x, w, b, 1, 1) + r),
+                       x.double(), w.double(), b.double(), r.double())
+    for a, e in zip(ours, ref):
+        assert rel_err(a, e) <= 1e-5

@@ -124,8 +124,8 @@ def test_nan_never_passes_as_number(backend, dtype, cgen):
 @pytest.mark.parametrize("shape", [(1, 512, 7, 7, 512), (2, 264, 13, 11, 64), (1, 256, 14, 14, 256)],
                          ids=str)
 def test_small_m_split_k(backend, dtype, shape, cgen):
-    """Shapes whose few output tiles make both backends split the reduction (cuda: 16, 10 and 9
-    slices, the 10 uneven with one empty; triton: up to 8), every epilogue, NaN kept."""
+    """Shapes whose few output tiles make both backends split the reduction (cuda: 16, 9 and 9
+    slices of 9, 9 and 8 k-tiles; triton: up to 8), every epilogue, NaN kept."""
     _backend_or_skip(backend)
     N, C, H, W, K = shape
     for bias, res, relu in [(True, True, True), (False, False, False), (True, False, True)]:

@@ -133,7 +133,9 @@ int split_k_for(int64_t M, int K, int R, int S, int C, int sm_count) {
   if (tiles * 2 > sm_count) return 1;
   const int64_t k_tiles = int64_t{R} * S * ceil_div(C, TcTileSmall::BK);
   const int64_t split = std::min<int64_t>({16, ceil_div(sm_count, tiles), k_tiles / 8});
-  return static_cast<int>(std::max<int64_t>(1, split));
+  if (split <= 1) return 1;
+  // Equal slices of ceil(k_tiles / split) k-tiles; drop the slices that would be left empty.
+  return static_cast<int>(ceil_div(k_tiles, ceil_div(k_tiles, split)));
 }
 
 template <typename T>
@@ -170,7 +172,9 @@ void launch_conv(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& 
         if (split > 1) {
           // From the caching allocator, stream-ordered: freed on return, reused by the next call.
           const at::Tensor ws = at::empty({split, s.M, s.K}, opts.dtype(at::kFloat));
-          launch_tc<T, TcTileSmall>(x, w, s, epi, dev, stream, split, ws.mutable_data_ptr<float>());
+          float* partial = ws.mutable_data_ptr<float>();
+          TORCH_CHECK(aligned16(partial), kOp, ": split-K workspace is not 16-byte aligned");
+          launch_tc<T, TcTileSmall>(x, w, s, epi, dev, stream, split, partial);
         } else {
           launch_tc<T, TcTileSmall>(x, w, s, epi, dev, stream);
         }

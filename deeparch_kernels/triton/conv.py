@@ -87,7 +87,7 @@ def conv_configs() -> list:
 
 
 @triton.jit
-def _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+def _epilogue_store(acc, offs_m, offs_n, M, K, HW, Wo, b_ptr, r_ptr, y_ptr,
                     srn, src, srh, srw, syn, syk, syh, syw,
                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                     EXACT_BF16: tl.constexpr):
@@ -95,9 +95,8 @@ def _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
     output channels): + bias, + residual, ReLU (NaN passes), one down-cast, store into y."""
     m_mask = offs_m < M
     n_mask = offs_n < K
-    hw = Ho * Wo
-    n_img = offs_m // hw
-    rem = offs_m - n_img * hw
+    n_img = offs_m // HW
+    rem = offs_m - n_img * HW
     ho = rem // Wo
     wo = rem - ho * Wo
     if HAS_BIAS:
@@ -121,7 +120,7 @@ def _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
 def conv_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, ws_ptr,
     N, H, W, C, K, Ho, Wo,
-    M,  # N * Ho * Wo from the host: 64-bit there when it passes 2^31 (a product here would wrap)
+    M, HW,  # N*Ho*Wo and Ho*Wo from the host: 64-bit there past 2^31 (products here would wrap)
     SH, SW, PH, PW,
     sxn, sxc, sxh, sxw,  # x (N, C, H, W) strides
     swk, swc, swh, sww,  # weight (K, C, KH, KW) strides
@@ -148,9 +147,8 @@ def conv_kernel(
     n_mask = offs_n < K
 
     # Row m -> (n, ho, wo), and the top-left input pixel of its receptive field.
-    hw = Ho * Wo
-    n_img = offs_m // hw
-    rem = offs_m - n_img * hw
+    n_img = offs_m // HW
+    rem = offs_m - n_img * HW
     ho = (rem // Wo).to(tl.int32)
     wo = (rem % Wo).to(tl.int32)
     hi0 = ho * SH - PH
@@ -192,7 +190,7 @@ def conv_kernel(
                    + (offs_m[:, None] * K + offs_n[None, :].to(tl.int64)))
         tl.store(ws_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
     else:
-        _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+        _epilogue_store(acc, offs_m, offs_n, M, K, HW, Wo, b_ptr, r_ptr, y_ptr,
                         srn, src, srh, srw, syn, syk, syh, syw,
                         HAS_BIAS, HAS_RES, RELU, EXACT_BF16)
 
@@ -200,7 +198,7 @@ def conv_kernel(
 @triton.jit
 def splitk_epilogue_kernel(
     ws_ptr, b_ptr, r_ptr, y_ptr,
-    M, K, MK, Ho, Wo,
+    M, K, MK, HW, Wo,
     srn, src, srh, srw,
     syn, syk, syh, syw,
     n_split,  # a runtime loop bound: a constexpr one is unrolled, its loads all kept live
@@ -217,7 +215,7 @@ def splitk_epilogue_kernel(
     for _ in range(0, n_split):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += MK  # M * K, from the host (64-bit there when it must be)
-    _epilogue_store(acc, offs_m, offs_n, M, K, Ho, Wo, b_ptr, r_ptr, y_ptr,
+    _epilogue_store(acc, offs_m, offs_n, M, K, HW, Wo, b_ptr, r_ptr, y_ptr,
                     srn, src, srh, srw, syn, syk, syh, syw,
                     HAS_BIAS, HAS_RES, RELU, EXACT_BF16)
 
@@ -229,10 +227,9 @@ def prune_configs(configs, nargs, **kwargs) -> list:
       * BLOCK_C above max(16, C rounded up to a power of two): the C = 3 stem keeps BLOCK_C = 16;
       * BLOCK_M above max(32, M rounded up), BLOCK_N above max(32, K rounded up): e.g. the 7x7
         layers at batch 1 (M = 49) keep BLOCK_M <= 64, K = 64 layers keep BLOCK_N <= 64.
-    What is left always includes heuristic_config's choice when it is in the list.
+    When nothing is left (tiny shapes), heuristic_config's choice is kept.
     """
-    M = nargs["N"] * nargs["Ho"] * nargs["Wo"]
-    K, C = nargs["K"], nargs["C"]
+    M, K, C = nargs["M"], nargs["K"], nargs["C"]
     cap_c = max(16, triton.next_power_of_2(max(int(C), 1)))
     cap_m = max(32, triton.next_power_of_2(max(int(M), 1)))
     cap_n = max(32, triton.next_power_of_2(max(int(K), 1)))
@@ -421,8 +418,8 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     if split_k is None:
         split_k = 1 if interpreting() else split_k_for(M, K, C, kh, kw, _sm_count(x.device.index or 0))
-    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"{_OP}: split_k must be an int >= 1, got {split_k!r}")
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or not 1 <= split_k <= 65535:
+        raise ValueError(f"{_OP}: split_k must be an int in [1, 65535] (grid y), got {split_k!r}")
     b_arg = bias if bias is not None else y
     r_arg = residual if residual is not None else y
     r_strides = residual.stride() if residual is not None else y.stride()
@@ -430,7 +427,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ws = torch.empty((split_k, M, K) if split_k > 1 else (1,), device=x.device, dtype=torch.float32)
     args = (
         x, weight, b_arg, r_arg, y, ws,
-        N, H, W, C, K, Ho, Wo, M,
+        N, H, W, C, K, Ho, Wo, M, Ho * Wo,
         sh, sw, ph, pw,
         *x.stride(), *weight.stride(), *r_strides, *y.stride(),
     )
@@ -452,7 +449,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if split_k > 1:
         bm, bn = splitk_epilogue_blocks(M, K, interpreting())
         wrap_triton(splitk_epilogue_kernel)[(triton.cdiv(M, bm), triton.cdiv(K, bn))](
-            ws, b_arg, r_arg, y, M, K, M * K, Ho, Wo, *r_strides, *y.stride(), split_k,
+            ws, b_arg, r_arg, y, M, K, M * K, Ho * Wo, Wo, *r_strides, *y.stride(), split_k,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             RELU=bool(relu), EXACT_BF16=exact_bf16(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return y
