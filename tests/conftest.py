@@ -15,6 +15,33 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _fix_triton36_interpreter_index() -> None:
+    """Triton <= 3.6's interpreter sets tl.tensor's ``__index__`` to ``int(handle.data)`` on a
+    1-element 1-D array, which numpy >= 2.4 refuses (triton-lang/triton#9171), so ``range()``
+    over a runtime bound fails there (the GPU machine's torch 2.11 ships Triton 3.6). Later
+    Triton takes the element first; this does the same on the older ones, for the tests only."""
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as ti
+
+        orig = ti._patch_lang_tensor
+        if "int(self.handle.data)" not in inspect.getsource(orig):
+            return  # a fixed Triton
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    ti._patch_lang_tensor = _patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton36_interpreter_index()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

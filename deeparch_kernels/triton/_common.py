@@ -16,6 +16,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, except for the kernels of Triton's CPU interpreter: under
+    TRITON_INTERPRET=1 ``@triton.jit`` makes an InterpretedFunction, which torch <= 2.11's
+    wrap_triton rejects ("only works on functions annotated with triton.jit"); torch >= 2.12
+    returns it unchanged, as this does on every version. GPU kernels are wrapped as usual, so
+    torch.compile sees into the triton_op."""
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def exact_bf16(dtype: torch.dtype) -> bool:
     """The constexpr for cast_out: round bf16 by hand (interpreter only)."""
     return dtype == torch.bfloat16 and interpreting()

@@ -7,9 +7,8 @@ Loads are widened to fp32 right away: that is also what makes bf16 exact in the 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import cast_out, exact_bf16
+from ._common import cast_out, exact_bf16, wrap_triton
 
 
 @triton.jit

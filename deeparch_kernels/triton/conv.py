@@ -43,9 +43,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import cast_out, exact_bf16, interpreting
+from ._common import cast_out, exact_bf16, interpreting, wrap_triton
 
 _OP = "fused_conv2d"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
