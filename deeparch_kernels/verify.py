@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import backends as _backends
+from ._precision import no_tf32
 
 __all__ = ["MODEL_NAMES", "TOL", "ModeResult", "VerifyResult", "verify", "verify_model",
            "verify_models"]
@@ -109,14 +110,7 @@ class VerifyResult:
         return head + "; ".join(parts)
 
 
-@contextlib.contextmanager
-def _no_tf32() -> Iterator[None]:
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+_no_tf32 = no_tf32  # exact fp32 references; settings restored whichever TF32 API set them
 
 
 @contextlib.contextmanager

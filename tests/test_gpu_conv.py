@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import deeparch_kernels as dk
+from deeparch_kernels._precision import conv_allows_tf32
 from helpers import TOL, assert_nonfinite_match, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -28,7 +29,7 @@ def _backend_or_skip(name):
 
 
 def _tol(dtype):
-    return 5e-3 if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else TOL[dtype]
+    return 5e-3 if dtype == torch.float32 and conv_allows_tf32() else TOL[dtype]
 
 
 def _case(N, C, H, W, K, k, s, dtype, bias, res, gen, channels_last=True):

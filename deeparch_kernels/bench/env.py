@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .._precision import conv_allows_tf32
+
 
 def resolve_device(name: Optional[str]) -> torch.device:
     """The device a run uses: ``name`` if given, else the GPU when CUDA is available, else CPU.
@@ -127,7 +129,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
             "l2_bytes": getattr(p, "L2_cache_size", None),
         }
         env["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
-        env["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        env["cudnn_allow_tf32"] = conv_allows_tf32()  # for convolutions (either TF32 API)
         env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     if isinstance(env["extension"], dict):  # JSON-safe copy
         env["extension"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in env["extension"].items()}

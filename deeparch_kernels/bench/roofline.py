@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._precision import conv_allows_tf32
 from .cases import dtype_name
 from .timing import Timer
 
@@ -36,7 +37,7 @@ def measure_copy(device: torch.device, timer: Timer, nbytes: Optional[int] = Non
 def measure_matmul(device: torch.device, dtype: torch.dtype, timer: Timer, n: Optional[int] = None) -> Dict:
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
-    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = device.type == "cuda" and dtype == torch.float32 and conv_allows_tf32()
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = tf32 or old

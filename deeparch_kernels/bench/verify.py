@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._precision import conv_allows_tf32
 from .cases import dtype_name
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -106,7 +107,7 @@ def same_layout(shape, strides, expected) -> bool:
 
 def tolerance(op: str, dtype: torch.dtype, device: torch.device) -> float:
     if (op == "fused_conv2d" and dtype == torch.float32 and device.type == "cuda"
-            and torch.backends.cudnn.allow_tf32):
+            and conv_allows_tf32()):
         return TF32_TOL
     return TOL[dtype]
 

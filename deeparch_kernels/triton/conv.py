@@ -24,7 +24,8 @@ Epilogue (Triton tutorial 03 pattern), on the fp32 accumulator before the single
 which lets NaN through exactly as torch.relu does. Base offsets are 64-bit.
 
 Precision: fp16/bf16 tiles go to the tensor cores as they are; fp32 uses TF32 iff
-``torch.backends.cudnn.allow_tf32`` (torch's rule for convolutions), else exact fp32 ("ieee").
+torch's rule for convolutions allows it (``torch.backends.cudnn.allow_tf32`` or the newer
+``torch.backends.cudnn.conv.fp32_precision``: deeparch_kernels._precision), else exact fp32.
 Triton's CPU interpreter (TRITON_INTERPRET=1) keeps bf16 as raw uint16 bits and its ``tl.dot``
 multiplies those bits as integers, so there (only) both tiles are widened to fp32 before the
 dot (DOT_FP32) and the output is rounded to bf16 by hand (``cast_out``); on the GPU both
@@ -44,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._precision import conv_allows_tf32
 from ._common import cast_out, exact_bf16, interpreting, wrap_triton
 
 _OP = "fused_conv2d"
@@ -353,7 +355,7 @@ def _check(x, weight, bias, residual, stride, padding):
 def _input_precision(dtype: torch.dtype) -> str:
     if interpreting():
         return "ieee"
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and not conv_allows_tf32():
         return "ieee"
     return "tf32"  # Triton's default; for fp16/bf16 operands it has no effect
 
