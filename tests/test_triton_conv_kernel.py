@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deeparch_kernels._precision import no_tf32
 from helpers import TOL, assert_nonfinite_match, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -30,11 +31,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _exact_fp32():
-    """fp32 is compared at 1e-5: no TF32 (the launcher follows cudnn.allow_tf32)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    """fp32 is compared at 1e-5: no TF32 (the launcher follows torch's rule for convolutions)."""
+    with no_tf32():
+        yield
 
 
 def _rand(gen, *shape, dtype, scale=1.0):

@@ -6,7 +6,7 @@ matplotlib is optional: without it ``draw`` returns no files and the reason, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .report import _group_key, groups
 
@@ -21,6 +21,31 @@ def _pyplot():
         return plt, None
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken backend
         return None, f"matplotlib is not importable ({type(e).__name__}: {e}); pip install matplotlib for plots"
+
+
+def _bars(plt, labels: List[str], series: Dict[str, List[float]], ylabel: str, title: str,
+          path: Path, width_per_label: float, rotation: int = 0,
+          ref_line: Optional[float] = None) -> Path:
+    """One grouped bar chart (a bar per series at each label), saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(max(6, width_per_label * len(labels) + 2), 4.5))
+    width = 0.8 / len(series)
+    for j, (name, vals) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, vals, width, label=name)
+    if ref_line is not None:
+        ax.axhline(ref_line, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)))
+    if rotation:
+        ax.set_xticklabels(labels, rotation=rotation, ha="right", fontsize=7)
+    else:
+        ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
@@ -45,40 +70,16 @@ def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
                 series.setdefault(r["provider"], [None] * len(grps))[i] = r.get("speedup_vs_eager")
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
-        width = 0.8 / len(series)
-        for j, (prov, vals) in enumerate(series.items()):
-            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
-            ax.bar(xs, [v if v else 0 for v in vals], width, label=prov)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speedup vs eager (x)")
-        ax.set_title(f"{title}: {title_dev}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(f"{stem}-{fam}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+        vals = {prov: [v if v else 0 for v in vs] for prov, vs in series.items()}
+        out.append(_bars(plt, labels, vals, "speedup vs eager (x)", f"{title}: {title_dev}",
+                         Path(f"{stem}-{fam}.png"), width_per_label=0.9, rotation=60, ref_line=1.0))
     mrows = [r for r in rows if r["section"] == "model" and r.get("images_per_s")]
     if mrows:
         grps = groups(mrows)
         labels = [f"{k[2]}\n{g[0]['shape'][0]} {k[3]} {k[5]}" for k, g in grps.items()]
         provs = list(dict.fromkeys(r["provider"] for r in mrows))
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4.5))
-        width = 0.8 / len(provs)
-        for j, prov in enumerate(provs):
-            vals = [next((r["images_per_s"] for r in g if r["provider"] == prov), 0) for g in grps.values()]
-            ax.bar([i + (j - (len(provs) - 1) / 2) * width for i in range(len(labels))], vals, width, label=prov)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel("images/s")
-        ax.set_title(f"model throughput: {title_dev}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(f"{stem}-models.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+        vals = {prov: [next((r["images_per_s"] for r in g if r["provider"] == prov), 0)
+                       for g in grps.values()] for prov in provs}
+        out.append(_bars(plt, labels, vals, "images/s", f"model throughput: {title_dev}",
+                         Path(f"{stem}-models.png"), width_per_label=1.2))
     return out, None

@@ -476,6 +476,15 @@ class _FusedBlock(ConvBNFolding):
         fused._init_folding(backend)
         return fused
 
+    _CONVS: Tuple[str, ...] = ()  # convN, each followed by bnN
+
+    def _fold_pairs(self):
+        for name in self._CONVS:
+            yield name, getattr(self, name), getattr(self, "bn" + name[4:])
+        pair = _conv_bn_pair(self.downsample)
+        if pair is not None:
+            yield ("downsample",) + pair
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
@@ -486,12 +495,7 @@ class FusedBasicBlock(_FusedBlock, BasicBlock):
     mode (and the downsample's conv1x1 + BN folded), and the residual add + ReLU one add_relu in
     training. Usable as ``torchvision.models.ResNet(FusedBasicBlock, ...)``."""
 
-    def _fold_pairs(self):
-        yield "conv1", self.conv1, self.bn1
-        yield "conv2", self.conv2, self.bn2
-        pair = _conv_bn_pair(self.downsample)
-        if pair is not None:
-            yield ("downsample",) + pair
+    _CONVS = ("conv1", "conv2")
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
@@ -505,13 +509,7 @@ class FusedBottleneck(_FusedBlock, Bottleneck):
     residual + ReLU one fused_conv2d. A conv2 with groups or dilation (ResNeXt, dilated ResNets)
     runs as torch's conv + BN."""
 
-    def _fold_pairs(self):
-        yield "conv1", self.conv1, self.bn1
-        yield "conv2", self.conv2, self.bn2
-        yield "conv3", self.conv3, self.bn3
-        pair = _conv_bn_pair(self.downsample)
-        if pair is not None:
-            yield ("downsample",) + pair
+    _CONVS = ("conv1", "conv2", "conv3")
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
