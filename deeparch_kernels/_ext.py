@@ -78,6 +78,20 @@ def cuda_reason() -> str | None:
     return None
 
 
+def cutlass_reason(device: "torch.device | None" = None) -> str | None:
+    """Why the CUTLASS sm_90a kernels can't run on ``device``, or None when they can."""
+    why = cuda_reason()
+    if why is not None:
+        return why
+    if not _state["info"].get("cutlass"):
+        return ("the C++ extension was built without the CUTLASS sm_90a kernels (they need 9.0 in "
+                "TORCH_CUDA_ARCH_LIST, the nvidia-cutlass headers, and DEEPARCH_CUTLASS != 0)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return f"the CUTLASS kernels are built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
+    return None
+
+
 def build_info() -> dict | None:
     """The imported _C's build_info(), also when it is stale (its registrations took effect on
     import all the same); None when it could not be imported."""

@@ -2,6 +2,8 @@
 
 Backends (the same names for every op):
 
+  ``cutlass``    our CUTLASS 3.x sm_90a kernels (TMA + WGMMA; CUDA tensors on Hopper; needs the
+                 extension built with them)
   ``cuda``       our C++/CUDA kernels (CUDA tensors; needs the compiled extension with CUDA)
   ``triton``     our Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)
   ``cpu``        our C++ CPU kernels (CPU tensors; needs the compiled extension)
@@ -27,12 +29,12 @@ import torch
 
 from . import _ext
 
-BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "aten", "reference")
+BACKENDS: Tuple[str, ...] = ("cutlass", "cuda", "triton", "cpu", "aten", "reference")
 
 # Candidates for "auto", in order of preference, per device type. The Triton interpreter is for
 # tests and learning: it is never chosen automatically.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "aten"),
+    "cuda": ("cutlass", "cuda", "triton", "aten"),
     "cpu": ("cpu", "aten"),
 }
 
@@ -71,10 +73,10 @@ def device_reason(name: str, device: torch.device) -> Optional[str]:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
     dev = device.type
-    if name == "cuda":
+    if name in ("cuda", "cutlass"):
         if dev != "cuda":
-            return f"the 'cuda' backend runs CUDA tensors, got {dev} tensors"
-        return _ext.cuda_reason()
+            return f"the {name!r} backend runs CUDA tensors, got {dev} tensors"
+        return _ext.cuda_reason() if name == "cuda" else _ext.cutlass_reason(device)
     if name == "cpu":
         if dev != "cpu":
             return f"the 'cpu' backend runs CPU tensors, got {dev} tensors"
