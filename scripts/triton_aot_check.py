@@ -28,8 +28,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from deeparch_kernels.triton import add_relu as tadd
-from deeparch_kernels.triton import conv as tconv
+# This checkout's package, not whichever one pip installed (python puts scripts/ on the path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deeparch_kernels.triton import add_relu as tadd  # noqa: E402
+from deeparch_kernels.triton import conv as tconv  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -105,13 +107,50 @@ def specialise(fn, args, constexprs):
     return sig, const, attrs
 
 
+def compile_kernel(fn, sig, const, attrs, num_warps, num_stages, arch):
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 def compile_one(fn, sig, const, attrs, num_warps, num_stages, arch):
     t = time.perf_counter()
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+    k = compile_kernel(fn, sig, const, attrs, num_warps, num_stages, arch)
     seconds = time.perf_counter() - t
     return {"shared": k.metadata.shared, **_resource_usage(k.asm["cubin"]), "seconds": seconds}
+
+
+def conv_kernel_for(shape, dtype, config, arch=90, split_k=1):
+    """The conv kernel compiled for `shape` (as SHAPES) with one configuration."""
+    fn, args, kw = next(c for c in captured_launches(shape[:7] + (split_k,), dtype)
+                        if c[0] is tconv.conv_kernel)
+    const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages")}
+    const.update({k: config[k] for k in tconv._CONFIG_KEYS}, DOT_FP32=False, EXACT_BF16=False)
+    sig, const, attrs = specialise(fn, args, const)
+    return compile_kernel(fn, sig, const, attrs, config.get("num_warps", 4),
+                          config.get("num_stages", 3), arch)
+
+
+# Issue 11: x of 1x512x3x2,100,000 fp16 with a 3x3 kernel. Every stride is below 2^31 (so the
+# launcher passes them as i32), but (KH-1) * sxh is not: an i32 product of a stride wraps.
+BIG_SHAPE = (1, 512, 3, 2_100_000, 64, 3, 1)
+_STRIDES = ("sxn", "sxc", "sxh", "sxw", "swk", "swc", "swh", "sww",
+            "srn", "src", "srh", "srw", "syn", "syk", "syh", "syw")
+
+
+def check_offsets_64bit() -> int:
+    """Fails when the conv kernel's TTIR multiplies a stride argument in 32 bits."""
+    k = conv_kernel_for(BIG_SHAPE, torch.float16, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 32})
+    ttir = k.asm["ttir"]
+    names = "|".join(_STRIDES)
+    bad = [ln.strip() for ln in ttir.splitlines()
+           if re.search(rf"arith\.muli .*%({names})\b.*: i32\b", ln)]
+    muls64 = [ln for ln in ttir.splitlines() if re.search(r"arith\.muli .*: i64\b", ln)]
+    print(f"offsets: {len(bad)} i32 multiplies of a stride argument, {len(muls64)} i64 multiplies "
+          f"(x {BIG_SHAPE[:4]}, 3x3, fp16)")
+    for ln in bad:
+        print(f"BAD  {ln}")
+    return 1 if bad or not muls64 else 0
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -167,7 +206,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--quick", action="store_true", help="two configs and two shapes")
+    ap.add_argument("--offsets", action="store_true",
+                    help="only check that no stride is multiplied in 32 bits (TTIR)")
     a = ap.parse_args(argv)
+    if a.offsets:
+        return check_offsets_64bit()
     limit = SMEM_LIMIT.get(a.arch, 99 * 1024)
     bad = notes = 0
     print(f"triton {triton.__version__}, target sm_{a.arch}, shared memory limit {limit // 1024} KB")

@@ -22,3 +22,15 @@ def test_kernels_compile_for_sm90_without_spills():
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("ok", "note", "BAD", "FAIL"))]
     assert len(lines) >= 12 and all(ln.startswith("ok") for ln in lines), p.stdout
     assert "0 problem(s)" in p.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(_TOOL), reason="Triton's NVIDIA backend is not installed")
+def test_conv_offsets_are_64bit():
+    """Issue 11: the conv kernel compiled (sm_90, no GPU) for x of 1x512x3x2,100,000 fp16, 3x3,
+    where each stride fits in int32 but (KH-1) * sxh does not: its TTIR must multiply no stride
+    argument in 32 bits (the script fails on the old `r * sxh`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "scripts/triton_aot_check.py", "--offsets"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "offsets: 0 i32 multiplies of a stride argument" in p.stdout, p.stdout

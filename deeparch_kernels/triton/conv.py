@@ -177,9 +177,13 @@ def conv_kernel(
         cc = c0 + offs_c
         c_ok = cc < C
 
-        a_ptrs = x_ptr + (x_row[:, None] + (r * sxh + s * sxw + cc * sxc)[None, :])
+        # Offsets in 64 bits: (KH-1) * sxh can pass 2^31 while every stride is below it (issue 11).
+        r64 = r.to(tl.int64)
+        s64 = s.to(tl.int64)
+        cc64 = cc.to(tl.int64)
+        a_ptrs = x_ptr + (x_row[:, None] + (r64 * sxh + s64 * sxw + cc64 * sxc)[None, :])
         a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b_ptrs = w_ptr + (w_col[None, :] + (r * swh + s * sww + cc * swc)[:, None])
+        b_ptrs = w_ptr + (w_col[None, :] + (r64 * swh + s64 * sww + cc64 * swc)[:, None])
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
         if DOT_FP32:  # interpreter only: its dot cannot multiply bf16 (raw uint16 there)
             a = a.to(tl.float32)
