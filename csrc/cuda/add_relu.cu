@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "relu.cuh"
 
 namespace deeparch {
 namespace {
@@ -21,8 +22,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-__device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
 
 template <typename T>
 __global__ void add_relu_vec_kernel(const T* __restrict__ a, const T* __restrict__ b,

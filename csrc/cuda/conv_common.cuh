@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "relu.cuh"
+
 namespace deeparch {
 namespace conv {
 
@@ -52,9 +54,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-// torch.relu semantics: NaN passes through (fmaxf(v, 0) would turn NaN into 0).
-__device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
 
 // y[m, k..k+V) = relu?(acc + bias[k..] + residual[m, k..]), all arithmetic in fp32, one rounding
 // to T at the end. V = 1 (any alignment) or V = 16/sizeof(T) (one 16-byte access per operand).
