@@ -311,7 +311,12 @@ __global__ void __launch_bounds__(Tile::THREADS, Tile::MIN_BLOCKS)
     }
     __syncwarp();
   }
-#endif  // __CUDA_ARCH__ >= 800 (the host launches this kernel only on such devices)
+#elif defined(__CUDA_ARCH__)
+  // Compiled for an arch without cp.async / ldmatrix / bf16 mma.sync (e.g. compute_75 PTX
+  // JIT-ed on a newer GPU): fail loudly, never return an unwritten output. The host does not
+  // take this path for such a binary (tc_binary_refusal in fused_conv2d.cu).
+  __trap();
+#endif
 }
 
 // Second pass of split-K: one thread per (m, 8 channels): y[m, k..k+8) = epilogue(sum over the

@@ -13,14 +13,15 @@
 //  1. conv_tc_kernel<T, Tile> (conv_tc.cuh): fp16/bf16, tensor cores via mma.sync m16n8k16
 //     (fp32 accumulate), 4-stage cp.async ring (16-byte copies, zero-fill for padding and
 //     out-of-range rows/channels), XOR-swizzled shared memory read with ldmatrix.x4.
-//     Chosen when: dtype fp16/bf16, C % 8 == 0, K % 8 == 0, C > 0, x/weight 16-byte aligned, and
-//     the device is sm_80 or newer. Tile, by shape:
-//       TcTileLarge 128x128x32, 8 warps (64x32 each), 64 KB smem, 2 blocks/SM: when K > 64 and
-//                   the 128x128 tiles number at least 2 per SM (enough to fill the GPU);
-//       TcTileSmall  64x64x32, 4 warps (32x32 each), 32 KB smem: otherwise (batch-1 7x7/14x14
-//                   layers, K <= 64); with split-K when even these tiles leave most SMs idle
-//                   (split_k_for): blockIdx.y slices the reduction, fp32 partials go to a
-//                   workspace, and splitk_epilogue sums them and applies the epilogue.
+//     Chosen when: dtype fp16/bf16, C % 8 == 0, K % 8 == 0, C > 0, x/weight 16-byte aligned, the
+//     device is sm_80 or newer, and the loaded binary of the kernel was compiled for compute_80
+//     or newer (tc_binary_ok: its body is a trap otherwise). Tile and split-K from the wave count
+//     (plan_tc in launch_plan.h: the tile, and slice count, whose busiest SM has the least work):
+//       TcTileLarge 128x128x32, 8 warps (64x32 each), 64 KB smem, 2 blocks/SM: large layers;
+//       TcTileSmall  64x64x32, 4 warps (32x32 each), 32 KB smem: few output tiles (batch-1 or
+//                   7x7/14x14 layers) and K <= 64; with split-K when the tiles leave SMs idle:
+//                   blockIdx.y slices the reduction, fp32 partials go to a workspace, and
+//                   splitk_epilogue sums them and applies the epilogue.
 //  2. conv_simt_kernel<T> (conv_simt.cuh): everything else (fp32, C or K % 8 != 0 such as C = 3
 //     first layers, unaligned views, pre-sm_80 devices): 64x64x16 tiles, exact fp32 FMA.
 //  Both end in Epilogue<T>::store (conv_common.cuh), the one fused epilogue: fp32
@@ -31,8 +32,7 @@
 // capability are read once per device, the >48 KB shared-memory opt-in is set once per kernel
 // and device. No device synchronisation.
 //
-// A Hopper path (wgmma + TMA, sm_90a) would be a third kernel file beside conv_tc.cuh, taking the
-// same ConvShape/Epilogue and chosen in launch_conv() below on major == 9.
+// The Hopper path (WGMMA + TMA, sm_90a) is the separate 'cutlass' backend: csrc/cuda/cutlass/.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,12 +44,15 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "../common.h"
 #include "conv_common.cuh"
 #include "conv_simt.cuh"
 #include "conv_tc.cuh"
+#include "launch_plan.h"
 
 namespace deeparch {
 namespace conv {
@@ -124,20 +127,6 @@ void launch_tc(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& ep
   }
 }
 
-// Split-K for the small tile: how many slices of the reduction (1: none). Only when the 64x64
-// output tiles alone would leave more than half of the SMs idle (e.g. 256x14x14 at batch 1:
-// 16 tiles for 132 SMs), up to one block per SM, at most 16 slices, each >= 8 k-tiles of 32
-// channels (shorter slices spend more on the pipeline fill and the fp32 round trip than they save).
-int split_k_for(int64_t M, int K, int R, int S, int C, int sm_count) {
-  const int64_t tiles = ceil_div(M, TcTileSmall::BM) * ceil_div(K, TcTileSmall::BN);
-  if (tiles * 2 > sm_count) return 1;
-  const int64_t k_tiles = int64_t{R} * S * ceil_div(C, TcTileSmall::BK);
-  const int64_t split = std::min<int64_t>({16, ceil_div(sm_count, tiles), k_tiles / 8});
-  if (split <= 1) return 1;
-  // Equal slices of ceil(k_tiles / split) k-tiles; drop the slices that would be left empty.
-  return static_cast<int>(ceil_div(k_tiles, ceil_div(k_tiles, split)));
-}
-
 template <typename T>
 void launch_simt(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& epi,
                  cudaStream_t stream) {
@@ -147,12 +136,34 @@ void launch_simt(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The 128x128 tile needs K > 64 (else half of each tile's columns are padding) and enough tiles
-// to give every SM its 2 resident blocks; below that the 64x64 tile's 4x more blocks win.
-bool use_large_tile(int64_t M, int K, int sm_count) {
-  if (K <= 64) return false;
-  return ceil_div(M, TcTileLarge::BM) * ceil_div(K, TcTileLarge::BN) >=
-         int64_t{TcTileLarge::MIN_BLOCKS} * sm_count;
+// Whether conv_tc_kernel<T, Tile>'s binary, as loaded on device `dev`, has its tensor-core body
+// (arch_refusal in launch_plan.h); checked once per kernel and device. When it has not, the
+// reason is warned once and the SIMT kernel runs instead.
+template <typename T, typename Tile>
+bool tc_binary_ok(int dev) {
+  constexpr int kMaxCached = 64;
+  static std::array<std::atomic<int>, kMaxCached> state{};  // 0 unknown, 1 usable, 2 refused
+  if (dev >= 0 && dev < kMaxCached) {
+    const int known = state[dev].load(std::memory_order_relaxed);
+    if (known != 0) return known == 1;
+  }
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, conv_tc_kernel<T, Tile>);
+  std::string why;
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the SIMT path reports its own launch errors
+    why = std::string("conv_tc_kernel has no binary for this GPU (") + cudaGetErrorString(err) + ")";
+  } else {
+    why = arch_refusal("conv_tc_kernel", attr.ptxVersion, attr.binaryVersion, 80);
+  }
+  const int now = why.empty() ? 1 : 2;
+  int expected = 0;
+  const bool first = !(dev >= 0 && dev < kMaxCached) ||
+                     state[dev].compare_exchange_strong(expected, now, std::memory_order_relaxed);
+  if (!why.empty() && first) {
+    TORCH_WARN(kOp, ": ", why, "; running the generic SIMT kernel instead (slower)");
+  }
+  return why.empty();
 }
 
 // Which kernel runs; see the file comment.
@@ -163,12 +174,15 @@ void launch_conv(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& 
     const bool tc_shape = s.C > 0 && s.C % 8 == 0 && s.K % 8 == 0;
     if (tc_shape && aligned16(x) && aligned16(w) && aligned16(epi.y)) {
       const DeviceInfo info = device_info(dev);
-      if (info.major >= 8) {
-        if (use_large_tile(s.M, s.K, info.sm_count)) {
+      const TcPlan plan = plan_tc(s.M, s.K, s.R, s.S, s.C, info.sm_count);
+      const bool ok = info.major >= 8 && (plan.large ? tc_binary_ok<T, TcTileLarge>(dev)
+                                                     : tc_binary_ok<T, TcTileSmall>(dev));
+      if (ok) {
+        if (plan.large) {
           launch_tc<T, TcTileLarge>(x, w, s, epi, dev, stream);
           return;
         }
-        const int split = split_k_for(s.M, s.K, s.R, s.S, s.C, info.sm_count);
+        const int split = plan.split;
         if (split > 1) {
           // From the caching allocator, stream-ordered: freed on return, reused by the next call.
           const at::Tensor ws = at::empty({split, s.M, s.K}, opts.dtype(at::kFloat));
@@ -183,6 +197,21 @@ void launch_conv(const T* x, const T* w, const ConvShape& s, const Epilogue<T>& 
     }
   }
   launch_simt<T>(x, w, s, epi, stream);
+}
+
+bool pad_channels_enabled() {
+  const char* v = std::getenv("DEEPARCH_CUDA_PAD_CHANNELS");  // read per call: tests flip it
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// t (N, C, H, W) channels_last, zero-padded to (N, Cp, H, W) channels_last.
+at::Tensor pad_channels(const at::Tensor& t, int64_t Cp) {
+  const int64_t C = t.size(1);
+  at::Tensor out = at::empty({t.size(0), Cp, t.size(2), t.size(3)},
+                             t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  out.narrow(1, C, Cp - C).zero_();
+  out.narrow(1, 0, C).copy_(t);
+  return out;
 }
 
 at::Tensor fused_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -211,8 +240,17 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   constexpr auto kCL = at::MemoryFormat::ChannelsLast;
   const bool channels_last_out = is_channels_last_4d(x) || is_channels_last_4d(weight);
-  const at::Tensor xc = x.contiguous(kCL);
-  const at::Tensor wc = weight.contiguous(kCL);
+  at::Tensor xc = x.contiguous(kCL);
+  at::Tensor wc = weight.contiguous(kCL);
+  // DEEPARCH_CUDA_PAD_CHANNELS=1: C % 8 != 0 (the C = 3 stem) zero-padded to the next multiple
+  // of 8, so that the tensor-core kernel runs instead of the SIMT one (exact: the added
+  // channels are zero in x and in the weight). Costs a padded copy of x and of the weight per
+  // call. Off by default: whether it is faster is not measured yet (scripts/gpu_check.sh does).
+  const int64_t Cp = padded_channels(C, K, x.scalar_type() != at::kFloat, pad_channels_enabled());
+  if (Cp != C) {
+    xc = pad_channels(xc, Cp);
+    wc = pad_channels(wc, Cp);
+  }
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor rc = residual ? residual->contiguous(kCL) : at::Tensor();
   at::Tensor y = at::empty({N, K, Ho, Wo}, x.options().memory_format(kCL));
@@ -221,7 +259,7 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
     s.N = static_cast<int>(N);
     s.H = static_cast<int>(H);
     s.W = static_cast<int>(W);
-    s.C = static_cast<int>(C);
+    s.C = static_cast<int>(Cp);
     s.K = static_cast<int>(K);
     s.R = static_cast<int>(R);
     s.S = static_cast<int>(S);
