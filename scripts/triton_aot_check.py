@@ -61,22 +61,27 @@ class _Capture:
         return lambda *args, **kwargs: _Capture.calls.append((self.fn, args, kwargs))
 
 
-def captured_launches(shape, dtype):
+def captured_launches(shape, dtype, tma=False):
+    """The launches fused_conv2d makes for `shape` (meta tensors: nothing is allocated), with
+    conv_kernel, or conv_tma_kernel when tma (stride 1, C and K multiples of 8)."""
     N, C, H, W, K, k, s, split = shape
-    cl = torch.channels_last
-    x = torch.empty(N, C, H, W, dtype=dtype).contiguous(memory_format=cl)
-    w = torch.empty(K, C, k, k, dtype=dtype).contiguous(memory_format=cl)
-    b = torch.empty(K, dtype=dtype)
+    cl, meta = torch.channels_last, "meta"
+    x = torch.empty(N, C, H, W, dtype=dtype, device=meta).contiguous(memory_format=cl)
+    w = torch.empty(K, C, k, k, dtype=dtype, device=meta).contiguous(memory_format=cl)
+    b = torch.empty(K, dtype=dtype, device=meta)
     Ho = (H + 2 * (k // 2) - k) // s + 1
     Wo = (W + 2 * (k // 2) - k) // s + 1
-    r = torch.empty(N, K, Ho, Wo, dtype=dtype).contiguous(memory_format=cl) if s == 1 else None
+    r = (torch.empty(N, K, Ho, Wo, dtype=dtype, device=meta).contiguous(memory_format=cl)
+         if s == 1 else None)
+    config = ({"BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "BLOCK_C": 16} if tma
+              else {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16})
     orig, env = tconv.wrap_triton, os.environ.get("TRITON_INTERPRET")
     _Capture.calls = []
     tconv.wrap_triton = _Capture
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the launcher take CPU tensors; kernels untouched
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the launcher take non-CUDA tensors
     try:
         tconv.fused_conv2d(x, w, b, r, (s, s), (k // 2, k // 2), True, split_k=split,
-                           config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16})
+                           config=config, tma=tma)
     finally:
         tconv.wrap_triton = orig
         if env is None:
@@ -120,15 +125,89 @@ def compile_one(fn, sig, const, attrs, num_warps, num_stages, arch):
     return {"shared": k.metadata.shared, **_resource_usage(k.asm["cubin"]), "seconds": seconds}
 
 
-def conv_kernel_for(shape, dtype, config, arch=90, split_k=1):
-    """The conv kernel compiled for `shape` (as SHAPES) with one configuration."""
-    fn, args, kw = next(c for c in captured_launches(shape[:7] + (split_k,), dtype)
-                        if c[0] is tconv.conv_kernel)
-    const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages")}
-    const.update({k: config[k] for k in tconv._CONFIG_KEYS}, DOT_FP32=False, EXACT_BF16=False)
-    sig, const, attrs = specialise(fn, args, const)
+def _gpu_constexprs(kw, config, keys, **extra):
+    const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages") + tuple(keys)}
+    const.update({k: config[k] for k in keys}, DOT_FP32=False, EXACT_BF16=False, **extra)
+    return const
+
+
+def conv_kernel_for(shape, dtype, config, arch=90, split_k=1, tma=False):
+    """conv_kernel (or conv_tma_kernel) compiled for `shape` (as SHAPES) with one config."""
+    kernel = tconv.conv_tma_kernel if tma else tconv.conv_kernel
+    keys = tconv._TMA_CONFIG_KEYS if tma else tconv._CONFIG_KEYS
+    fn, args, kw = next(c for c in captured_launches(shape[:7] + (split_k,), dtype, tma)
+                        if c[0] is kernel)
+    sig, const, attrs = specialise(fn, args, _gpu_constexprs(kw, config, keys))
     return compile_kernel(fn, sig, const, attrs, config.get("num_warps", 4),
                           config.get("num_stages", 3), arch)
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Instruction counts (by opcode with its modifiers) of a cubin's SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True).stdout
+    counts: dict = {}
+    for op in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[\w]+)*)", sass):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _family(counts: dict, prefix: str) -> int:
+    return sum(n for op, n in counts.items() if op == prefix or op.startswith(prefix + "."))
+
+
+# Issue 15: C = 24 and 40 (not multiples of 16) used to lose every 16-byte async copy.
+VEC_SHAPES = [(32, 24, 56, 56, 64, 3, 1), (32, 40, 28, 28, 40, 3, 2), (32, 64, 56, 56, 64, 3, 1)]
+SM90_REGS, SM90_SMEM = 65536, 228 * 1024
+
+
+def check_sass(dtypes=("fp16",)) -> int:
+    """SASS of the conv kernels for sm_90: conv_kernel's loop for C = 24 / 40 uses 16-byte
+    async copies (LDGSTS...128) and no 2-byte loads; conv_tma_kernel loads by TMA (UTMALDG) into
+    WGMMA (HGMMA), and its 128x128 tiles fit two CTAs per SM (registers and shared memory)."""
+    bad = 0
+    cfgs = [{"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_C": 32, "num_warps": 8, "num_stages": 4},
+            {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 4}]
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for shape in VEC_SHAPES:
+            for cfg in cfgs:
+                k = conv_kernel_for(shape, dtype, cfg)
+                c = sass_counts(k.asm["cubin"])
+                res = _resource_usage(k.asm["cubin"])
+                ldgsts128 = sum(n for op, n in c.items() if op.startswith("LDGSTS") and op.endswith(".128"))
+                u16 = c.get("LDG.E.U16", 0) + c.get("LDG.E.U16.CONSTANT", 0)
+                ok = ldgsts128 > 0 and u16 == 0
+                bad += not ok
+                print(f"{'ok  ' if ok else 'BAD '} conv_kernel {dname} C{shape[1]} K{shape[4]} "
+                      f"s{shape[6]} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_C']}: "
+                      f"{ldgsts128} LDGSTS.128, {u16} LDG.U16, {_family(c, 'HGMMA')} HGMMA, "
+                      f"regs {res['n_regs']}, stack {res['stack']} B")
+        for cfg in tconv.tma_configs():
+            conf = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            k = conv_kernel_for((32, 64, 56, 56, 128, 3, 1), dtype, conf, tma=True)
+            c = sass_counts(k.asm["cubin"])
+            res = _resource_usage(k.asm["cubin"])
+            threads = 32 * cfg.num_warps
+            ctas = min(SM90_REGS // max(1, res["n_regs"] * threads), SM90_SMEM // (k.metadata.shared + 1024))
+            rows = cfg.kwargs["BLOCK_H"] * cfg.kwargs["BLOCK_W"]
+            ok = (_family(c, "UTMALDG") > 0 and _family(c, "HGMMA") > 0 and res["stack"] == 0
+                  and ctas >= 2)
+            bad += not ok
+            print(f"{'ok  ' if ok else 'BAD '} conv_tma_kernel {dname} {cfg.kwargs['BLOCK_H']}x"
+                  f"{cfg.kwargs['BLOCK_W']}(={rows})x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_C']} "
+                  f"w{cfg.num_warps} s{cfg.num_stages}: {_family(c, 'UTMALDG')} UTMALDG, "
+                  f"{_family(c, 'HGMMA')} HGMMA, {_family(c, 'LDGSTS')} LDGSTS, regs {res['n_regs']}, "
+                  f"stack {res['stack']} B, shared {k.metadata.shared / 1024:.1f} KB, {ctas} CTAs/SM")
+    print(f"sass: {bad} problem(s)")
+    return 1 if bad else 0
 
 
 # Issue 11: x of 1x512x3x2,100,000 fp16 with a 3x3 kernel. Every stride is below 2^31 (so the
@@ -168,28 +247,41 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def jobs(dtypes, quick):
-    cfgs = tconv.conv_configs()
+    cfgs, tma_cfgs = tconv.conv_configs(), tconv.tma_configs()
     if quick:
         cfgs = [tconv.conv_configs()[0], next(c for c in cfgs if c.kwargs["BLOCK_M"] == 32)]
+        tma_cfgs = tma_cfgs[:1]
     shapes = SHAPES[:2] if quick else SHAPES
     for dname in dtypes:
         dtype = DTYPES[dname]
         for prec in (["tf32", "ieee"] if dtype == torch.float32 else ["tf32"]):
             for si, shape in enumerate(shapes):
                 strict = si < STRICT_SHAPES
-                for fn, args, kw in captured_launches(shape, dtype):
+                tma = (dtype != torch.float32 and shape[6] == 1 and shape[1] % 8 == 0
+                       and shape[4] % 8 == 0)
+                launches = captured_launches(shape, dtype) + (
+                    captured_launches(shape, dtype, tma=True) if tma else [])
+                for fn, args, kw in launches:
                     tag = f"{dname} {prec} N{shape[0]} C{shape[1]} {shape[5]}x{shape[5]}s{shape[6]}"
                     if fn is tconv.conv_kernel:
                         for c in cfgs:
-                            const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages")}
-                            const.update(c.kwargs, DOT_FP32=False, EXACT_BF16=False,
-                                         INPUT_PRECISION=prec)
+                            const = _gpu_constexprs(kw, c.kwargs, tconv._CONFIG_KEYS,
+                                                    INPUT_PRECISION=prec)
                             name = (f"conv {tag} split{const['SPLIT_K']} "
                                     f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_C']}"
                                     f" w{c.num_warps} s{c.num_stages}")
                             yield name, strict, fn, args, const, c.num_warps, c.num_stages
+                    elif fn is tconv.conv_tma_kernel:
+                        for c in tma_cfgs:
+                            const = _gpu_constexprs(kw, c.kwargs, tconv._TMA_CONFIG_KEYS,
+                                                    INPUT_PRECISION=prec)
+                            kk = c.kwargs
+                            name = (f"conv_tma {tag} split{const['SPLIT_K']} {kk['BLOCK_H']}x"
+                                    f"{kk['BLOCK_W']}x{kk['BLOCK_N']}x{kk['BLOCK_C']} "
+                                    f"w{c.num_warps} s{c.num_stages}")
+                            yield name, strict, fn, args, const, c.num_warps, c.num_stages
                     else:  # the split-K epilogue, with the GPU's tiles (not the interpreter's)
-                        const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages")}
+                        const = {n: kw[n] for n in kw if n not in ("num_warps", "num_stages", "BLOCK_M", "BLOCK_N")}
                         bm, bn = tconv.splitk_epilogue_blocks(shape[0] * shape[2] * shape[3]
                                                               // shape[6] ** 2, shape[4], False)
                         const.update(EXACT_BF16=False, BLOCK_M=bm, BLOCK_N=bn)
@@ -208,9 +300,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two configs and two shapes")
     ap.add_argument("--offsets", action="store_true",
                     help="only check that no stride is multiplied in 32 bits (TTIR)")
+    ap.add_argument("--sass", action="store_true",
+                    help="only check the SASS: 16-byte async copies for C = 24/40, TMA + WGMMA "
+                         "and 2 CTAs/SM for the TMA kernel")
     a = ap.parse_args(argv)
     if a.offsets:
         return check_offsets_64bit()
+    if a.sass:
+        return check_sass(tuple(d for d in a.dtypes.split(",") if d != "fp32"))
     limit = SMEM_LIMIT.get(a.arch, 99 * 1024)
     bad = notes = 0
     print(f"triton {triton.__version__}, target sm_{a.arch}, shared memory limit {limit // 1024} KB")

@@ -212,14 +212,30 @@ def test_split_k_more_slices_than_steps(gen):
 
 
 def test_split_k_heuristic():
-    """Split only where the output tiles leave most SMs idle (132-SM H200/H100 SXM)."""
+    """The slice count with the least work on the busiest SM (wave_cost; 132-SM H200/H100)."""
     sk = tconv.split_k_for
-    assert sk(196, 256, 256, 3, 3, 132) == 8      # 256x14x14 at batch 1: 16 tiles
-    assert sk(49, 512, 512, 3, 3, 132) == 8       # 512x7x7 at batch 1: 8 tiles
+    assert sk(196, 256, 256, 3, 3, 132) == 8      # 256x14x14 at batch 1: 16 tiles, 36 steps
+    assert sk(49, 512, 512, 3, 3, 132) == 15      # 512x7x7 at batch 1: 8 tiles, 72 steps
+    assert sk(49, 64, 64, 3, 3, 132) == 9         # a 7x7 layer with C = 64: 9 steps, 9 slices
     assert sk(3136, 256, 256, 3, 3, 132) == 1     # 256x56x56 at batch 1: 196 tiles
-    assert sk(32 * 49, 512, 512, 3, 3, 132) == 1  # 512x7x7 at batch 32
+    assert sk(32 * 49, 512, 512, 3, 3, 132) == 1  # 512x7x7 at batch 32: 200 tiles
     assert sk(196, 256, 64, 1, 1, 132) == 1       # one 64-channel step: nothing to split
-    assert sk(49, 64, 256, 1, 1, 132) == 1        # 4 steps: one slice
+    assert sk(49, 64, 256, 1, 1, 132) == 1        # 4 steps: the partials would cost more
+
+
+@pytest.mark.parametrize("M", [1, 49, 196, 784, 3136])
+def test_split_k_never_leaves_an_empty_slice(M):
+    """Issue 15: a 7x7 layer with C <= 64 was split 8 ways with fewer steps than slices. The
+    kernels cut `total` steps into balanced slices [i*total//S, (i+1)*total//S), and split_k_for
+    never picks more slices than the fewest steps any configuration takes (BLOCK_C = 64)."""
+    for K in (64, 512):
+        for C in (3, 16, 64, 65, 512):
+            for k in (1, 3, 7):
+                split = tconv.split_k_for(M, K, C, k, k, 132)
+                for cfg in tconv.conv_configs() + tconv.tma_configs():
+                    total = k * k * -(-C // cfg.kwargs["BLOCK_C"])
+                    sizes = [(i + 1) * total // split - i * total // split for i in range(split)]
+                    assert min(sizes) >= 1 and sum(sizes) == total, (M, K, C, k, split, sizes)
 
 
 def test_bad_split_k():
@@ -346,6 +362,15 @@ def test_gpu_torch_compile_through_triton_op(gen):
     _check(fn(x, w, b, r), x, w, b, r, (1, 1), (1, 1), True)
 
 
+def test_tma_autotune_pruning():
+    cfgs = tconv.tma_configs()
+    seven = tconv.prune_tma_configs(cfgs, {"Ho": 7, "Wo": 7, "K": 512, "C": 512})
+    assert seven and all(c.kwargs["BLOCK_W"] == 8 and c.kwargs["BLOCK_H"] == 8 for c in seven)
+    k64 = tconv.prune_tma_configs(cfgs, {"Ho": 56, "Wo": 56, "K": 64, "C": 64})
+    assert k64 and all(c.kwargs["BLOCK_N"] == 64 for c in k64)
+    assert len(tconv.prune_tma_configs(cfgs, {"Ho": 56, "Wo": 56, "K": 256, "C": 256})) == len(cfgs)
+
+
 def test_autotune_pruning():
     """Tiles mostly padding for the shape are not compiled or timed; something always stays."""
     cfgs = tconv.conv_configs()
@@ -370,3 +395,116 @@ def test_heuristic_configs_are_in_the_autotune_list():
             for c in tconv.conv_configs()]
     for M, K, C in [(1, 8, 3), (49, 512, 512), (32 * 56 * 56, 64, 64), (32 * 28 * 28, 512, 512)]:
         assert tconv.heuristic_config(M, K, C) in keys  # so the every-config GPU test covers it
+    tma_keys = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                for c in tconv.tma_configs()]
+    for N, Ho, K in [(1, 7, 512), (32, 56, 64), (32, 28, 512), (32, 224, 64), (1, 14, 256)]:
+        assert tconv.tma_heuristic_config(N, Ho, Ho, K) in tma_keys
+
+
+def test_heuristic_tiles_from_wave_count():
+    """Large tiles where they fill the GPU, smaller ones where they would leave SMs idle."""
+    big = tconv.heuristic_config(32 * 56 * 56, 256, 256)
+    assert (big["BLOCK_M"], big["BLOCK_N"]) == (128, 128)
+    k64 = tconv.heuristic_config(32 * 56 * 56, 64, 64)
+    assert k64["BLOCK_N"] == 64
+    small = tconv.heuristic_config(49, 512, 512)
+    assert small["BLOCK_M"] * small["BLOCK_N"] < 128 * 128
+    assert tconv.tma_heuristic_config(32, 56, 56, 256)["BLOCK_N"] == 128
+    assert tconv.tma_heuristic_config(32, 56, 56, 64)["BLOCK_N"] == 64
+    assert tconv.tma_heuristic_config(1, 7, 7, 512)["BLOCK_W"] == 8  # a 7-wide image
+
+
+# ---- the TMA kernel (tensor descriptors), in the interpreter ---------------------------------
+
+TMA_DTYPES = [torch.float16, torch.bfloat16]
+# (N, C, K, H, W, k, padding): stride 1, C and K multiples of 8, odd sizes, C tails past BLOCK_C,
+# patches hanging over the image, padding 0 / 1 / 3 and asymmetric.
+TMA_CASES = {
+    "3x3": (2, 24, 40, 7, 9, 3, (1, 1)),
+    "1x1": (1, 8, 16, 5, 6, 1, (0, 0)),
+    "7x7": (1, 16, 24, 9, 11, 7, (3, 3)),
+    "nopad": (1, 40, 8, 6, 5, 3, (0, 0)),
+    "asym": (2, 16, 16, 5, 7, 3, (0, 2)),
+}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the TMA kernel on CPU tensors")
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_tma_kernel_matches_float64_reference(case, dtype, gen):
+    N, C, K, H, W, k, padding = TMA_CASES[case]
+    x, w, b, r = _make(gen, N, C, K, H, W, k, k, (1, 1), padding, dtype)
+    y = tconv.fused_conv2d(x, w, b, r, (1, 1), padding, True, tma=True)
+    _check(y, x, w, b, r, (1, 1), padding, True)
+    y_gather = tconv.fused_conv2d(x, w, b, r, (1, 1), padding, True, tma=False)
+    assert rel_err(y, y_gather.double()) <= TOL[dtype]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the TMA kernel on CPU tensors")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bias,res,relu,split_k", [(False, False, False, 1), (True, False, True, 1),
+                                                   (True, True, True, 3), (False, True, False, 2)])
+def test_tma_kernel_epilogues_split_k_and_nan(bias, res, relu, split_k, gen):
+    """Every epilogue, split-K through the TMA kernel, and NaN/Inf exactly as torch gives them
+    (also through TMA's zero-filled padding, which must not turn Inf * 0 into anything)."""
+    dtype = torch.float16
+    x, w, b, r = _make(gen, 2, 16, 24, 6, 7, 3, 3, (1, 1), (1, 1), dtype, bias=bias, res=res)
+    x[0, 3, 0, 0] = float("nan")
+    x[1, 5, 5, 6] = float("inf")  # a corner pixel: its neighbours outside are TMA's zeros
+    y = tconv.fused_conv2d(x, w, b, r, (1, 1), (1, 1), relu, tma=True, split_k=split_k,
+                           config={"BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "BLOCK_C": 16})
+    ref = _ref(x, w, b, r, (1, 1), (1, 1), relu)
+    assert torch.isnan(ref).any()
+    assert_nonfinite_match(y, ref)
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case,why", [
+    (dict(stride=(2, 2)), "stride 1 only"),
+    (dict(dtype=torch.float32), "float16 or bfloat16"),
+    (dict(C=12), "C and K multiples of 8"),
+    (dict(K=20), "C and K multiples of 8"),
+    (dict(misaligned=True), "16-byte aligned"),
+])
+def test_tma_refusals(case, why, gen):
+    """tma=True on what the TMA kernel can't take is a clear error (tma=None falls back)."""
+    dtype, C, K = case.get("dtype", torch.float16), case.get("C", 16), case.get("K", 16)
+    stride = case.get("stride", (1, 1))
+    x, w, b, _ = _make(gen, 1, C, K, 6, 6, 3, 3, stride, (1, 1), dtype, res=False)
+    if case.get("misaligned"):  # a channels_last view 2 bytes into its storage
+        flat = torch.zeros(1 * 6 * 6 * C + 1, dtype=dtype, device=DEVICE)
+        x = flat[1:].view(1, 6, 6, C).permute(0, 3, 1, 2).copy_(x)
+    with pytest.raises(ValueError, match=f"the TMA kernel was asked for but .*{why}"):
+        tconv.fused_conv2d(x, w, b, None, stride, (1, 1), True, tma=True)
+    y = tconv.fused_conv2d(x, w, b, None, stride, (1, 1), True)  # tma=None: the gather kernel
+    _check(y, x, w, b, None, stride, (1, 1), True)
+
+
+def test_tma_config_validation():
+    x, w = torch.randn(1, 8, 5, 5, device=DEVICE).half(), torch.randn(8, 8, 3, 3, device=DEVICE).half()
+    with pytest.raises(ValueError, match=r"BLOCK_H \* BLOCK_W must be >= 16"):
+        tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True,
+                           config={"BLOCK_H": 2, "BLOCK_W": 4, "BLOCK_N": 16, "BLOCK_C": 16})
+    with pytest.raises(ValueError, match="tma=False but config is for conv_tma_kernel"):
+        tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True, tma=False,
+                           config={"BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "BLOCK_C": 16})
+    with pytest.raises(TypeError, match="tma must be None, True or False"):
+        tconv.fused_conv2d(x, w, None, None, (1, 1), (1, 1), True, tma=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C,K", [(24, 40), (40, 24), (12, 20)])
+def test_gather_kernel_vectorised_channel_counts(C, K, dtype, gen):
+    """C and K multiples of 8 (or 4) but not 16: the kernel is told (C_VEC, K_VEC) and rounds
+    C, K and the strides to those multiples; the values must not change."""
+    x, w, b, r = _make(gen, 2, C, K, 5, 7, 3, 3, (1, 1), (1, 1), dtype)
+    y = tconv.fused_conv2d(x, w, b, r, (1, 1), (1, 1), True, tma=False,
+                           config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16})
+    _check(y, x, w, b, r, (1, 1), (1, 1), True)
+
+
+def test_vec_hint():
+    assert tconv._vec((24, 24 * 7, 24 * 63)) == 8
+    assert tconv._vec((12, 12 * 7)) == 4
+    assert tconv._vec((24, 24 * 7), unit_strides=(2,)) == 1  # channels not contiguous
+    assert tconv._vec((3, 21)) == 1
