@@ -10,6 +10,9 @@
 #ifndef DEEPARCH_WITH_CUDA
 #define DEEPARCH_WITH_CUDA 0
 #endif
+#ifndef DEEPARCH_WITH_CUTLASS
+#define DEEPARCH_WITH_CUTLASS 0
+#endif
 #ifndef DEEPARCH_TORCH_MAJOR
 #define DEEPARCH_TORCH_MAJOR 0
 #define DEEPARCH_TORCH_MINOR 0
@@ -19,9 +22,11 @@ static PyObject* build_info(PyObject*, PyObject*) {
   // The torch major.minor the extension was compiled against: its ABI is not stable across them.
   // cpp_autograd: autograd.cpp registered the Autograd kernels of add_relu and fused_conv2d,
   // so Python must not register its own (ops/__init__.py).
-  return Py_BuildValue("{s:i,s:O,s:(ii),s:O}", "api_version", DEEPARCH_API_VERSION, "cuda",
+  // cutlass: the CUTLASS sm_90a conv kernels (csrc/cuda/cutlass/) were compiled in.
+  return Py_BuildValue("{s:i,s:O,s:(ii),s:O,s:O}", "api_version", DEEPARCH_API_VERSION, "cuda",
                        DEEPARCH_WITH_CUDA ? Py_True : Py_False, "torch_version",
-                       DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR, "cpp_autograd", Py_True);
+                       DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR, "cpp_autograd", Py_True,
+                       "cutlass", DEEPARCH_WITH_CUTLASS ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {

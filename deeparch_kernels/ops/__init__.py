@@ -3,7 +3,7 @@ autograd, and the backend implementations registered with the dispatch rule
 (deeparch_kernels.backends). One file per op:
 
   add_relu.py      deeparch::add_relu, deeparch::add_relu_, deeparch::add_relu_triton(_)
-  conv.py          deeparch::fused_conv2d, deeparch::fused_conv2d_triton
+  conv.py          deeparch::fused_conv2d, deeparch::fused_conv2d_triton, deeparch::fused_conv2d_cutlass
 
 The C++ CPU/CUDA implementations live in csrc/ and register themselves for these schemas
 (TORCH_LIBRARY_IMPL) when deeparch_kernels._C is imported, which happens here, after the

@@ -3,6 +3,8 @@
   schema      deeparch::fused_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual,
                                      int[2] stride, int[2] padding, bool relu) -> Tensor
   cpu         csrc/cpu/fused_conv2d.cpp (oneDNN conv + one fused epilogue pass)
+  cutlass     deeparch::fused_conv2d_cutlass below, csrc/cuda/cutlass/ (CUTLASS 3.x sm_90a:
+              TMA im2col + WGMMA, the epilogue fused through CUTLASS's visitor tree)
   cuda        csrc/cuda/fused_conv2d.cu (tensor-core implicit GEMM, fused epilogue)
   triton      deeparch::fused_conv2d_triton below, kernel in deeparch_kernels/triton/conv.py
   aten        ATen/cuDNN/oneDNN conv2d (+bias), then our fused add+ReLU (or ReLU)
@@ -93,6 +95,49 @@ if HAS_TRITON:
     torch.library.register_autograd("deeparch::fused_conv2d_triton", _backward,
                                     setup_context=_setup_context)
 
+# The CUTLASS sm_90a kernels: the same op under its own name (a backend of its own); the CUDA
+# kernel registers itself from csrc/cuda/cutlass/conv_sm90_op.cpp when the extension has it.
+lib.define(f"fused_conv2d_cutlass({_SCHEMA_ARGS}) -> Tensor")
+torch.library.register_fake("deeparch::fused_conv2d_cutlass")(_fake)
+torch.library.register_autograd("deeparch::fused_conv2d_cutlass", _backward,
+                                setup_context=_setup_context)
+
+
+def cutlass_refusal(dtype: torch.dtype, x_shape, w_shape, stride, padding,
+                    capability: Optional[Tuple[int, int]]) -> Optional[str]:
+    """Why the CUTLASS kernels can't run this convolution (None: they can). capability: the
+    GPU's compute capability, None for a non-CUDA tensor. The same rules as refusal()
+    in csrc/cuda/cutlass/conv_sm90_op.cpp; the tests check both against CUTLASS's can_implement."""
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    (sh, sw), (ph, pw) = stride, padding
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUTLASS kernels take float16 or bfloat16, got {str(dtype).replace('torch.', '')}"
+    if C <= 0 or C % 8 or K % 8:
+        return f"the CUTLASS kernels need C and K multiples of 8 (16-byte TMA rows), got C={C}, K={K}"
+    if sh > 8 or sw > 8:
+        return f"the CUTLASS kernels take strides up to 8 (TMA im2col traversal), got ({sh}, {sw})"
+    if (ph > 128 or pw > 128 or R - 1 - ph > 128 or S - 1 - pw > 128 or ph - (R - 1) > 127
+            or pw - (S - 1) > 127 or R > 255 or S > 255):
+        return ("the CUTLASS kernels' TMA im2col corners need padding <= 128, kernel - 1 - padding "
+                f"<= 128 and kernel <= 255, got kernel ({R}, {S}), padding ({ph}, {pw})")
+    P, Q = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
+    if (N * H * W > 2**31 - 1 or N * P * Q > 2**31 - 1 or N * H * W * C >= 2**38
+            or N * P * Q * K >= 2**38):
+        return ("the CUTLASS kernels' extents are 32-bit: N*H*W and N*Ho*Wo must be below 2^31 and "
+                "each tensor below 2^38 elements")
+    if capability is None:
+        return "the CUTLASS kernels run CUDA tensors"
+    if tuple(capability) != (9, 0):
+        return ("the CUTLASS kernels are built for sm_90a (Hopper) only; this GPU is "
+                f"sm_{capability[0]}{capability[1]}")
+    return None
+
+
+def _cutlass_supports(x, weight, bias, residual, stride, padding, relu):
+    cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    return cutlass_refusal(x.dtype, x.shape, weight.shape, stride, padding, cap)
+
 
 def _aten(x, weight, bias, residual, stride, padding, relu):
     y = F.conv2d(x, weight, bias, stride, padding)
@@ -120,6 +165,7 @@ def _cuda_supports(x, weight, *_):
 
 backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d.default)
 backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _cuda_supports)
+backends.register(OP, "cutlass", torch.ops.deeparch.fused_conv2d_cutlass.default, _cutlass_supports)
 backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 if HAS_TRITON:

@@ -1,0 +1,10 @@
+// The fp16 instantiations of the CUTLASS sm_90a convolution (see conv_sm90_kernel.cuh).
+#include "conv_sm90_kernel.cuh"
+
+namespace deeparch {
+namespace cutlass_sm90 {
+namespace f16 {
+DEEPARCH_CUTLASS_SM90_ENTRY_POINTS(cutlass::half_t)
+}  // namespace f16
+}  // namespace cutlass_sm90
+}  // namespace deeparch
