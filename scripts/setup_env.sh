@@ -24,6 +24,19 @@ if [ -n "$missing" ]; then
   "$PY" -m pip install -q $missing
 fi
 
+# The CUTLASS headers for the sm_90a conv kernels (the 'cutlass' backend), pinned; headers only
+# (--no-deps: its Python dependencies would re-pin cuda-bindings under torch). Where nvcc is
+# there and the arch list is the default (which has 9.0), the build must then compile those
+# kernels (DEEPARCH_CUTLASS=1 fails it otherwise), so that CI runs their tests, not skips them.
+CUTLASS_PIN="nvidia-cutlass==4.2.0.0"  # keep in step with setup.py's CUTLASS_VERSION
+if [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" 2>/dev/null; then
+    echo "setup: installing $CUTLASS_PIN (headers)" >&2
+    "$PY" -m pip install -q --no-deps "$CUTLASS_PIN"
+  fi
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then export DEEPARCH_CUTLASS=${DEEPARCH_CUTLASS:-1}; fi
+fi
+
 # Register the package (editable, for the console script deeparch-bench) once without compiling,
 # then build the extension in place: one build, and later runs recompile only what changed.
 if ! "$PY" -m pip show -q deeparch-kernels >/dev/null 2>&1; then
@@ -33,4 +46,4 @@ fi
 echo "setup: building the extension (incremental)" >&2
 start=$(date +%s)
 "$PY" setup.py -q build_ext --inplace >/tmp/deeparch-build.log 2>&1 || { tail -50 /tmp/deeparch-build.log; exit 1; }
-echo "setup: extension ready in $(( $(date +%s) - start )) s ($(grep -o 'building CPU[^(]*' /tmp/deeparch-build.log | head -1))" >&2
+echo "setup: extension ready in $(( $(date +%s) - start )) s ($(grep -o 'building CPU[^(]*' /tmp/deeparch-build.log | head -1); CUTLASS: $(grep -o 'CUTLASS sm_90a conv kernels: [a-z]*' /tmp/deeparch-build.log | head -1 | cut -d: -f2))" >&2
