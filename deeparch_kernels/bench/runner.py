@@ -78,7 +78,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
 
     if log is None:
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    from .timing import Budget
+    from ..timing import Budget
 
     t_start = time.perf_counter()
     budget = Budget(cfg.budget_s)  # one budget for the whole run: timing adapts to verification's time
@@ -119,7 +119,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
         from .modelbench import ModelBench
         from .opbench import OpBench
         from .roofline import measure_ceilings
-        from .timing import Timer
+        from ..timing import Timer
 
         torch.manual_seed(cfg.seed)
         timer = Timer(dev, warmup=cfg.warmup, reps=cfg.reps, min_reps=min(5, cfg.reps),
