@@ -1,4 +1,5 @@
-// Autograd for the C++ ops, in C++: deeparch::add_relu and deeparch::fused_conv2d.
+// Autograd for the C++ ops, in C++: deeparch::add_relu, deeparch::add_relu_ (with its version
+// counter bump) and deeparch::fused_conv2d.
 //
 // The schemas are defined in Python (deeparch_kernels/ops/). Python's torch.library
 // register_autograd would put a Python function on every call's path, also under no_grad:
@@ -16,6 +17,7 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace deeparch {
@@ -59,6 +61,37 @@ at::Tensor add_relu_autograd(const at::Tensor& x, const at::Tensor& identity) {
     return add_relu_below_autograd(x, identity);
   }
   return AddReLUFn::apply(x, identity);
+}
+
+// ---------------------------------------------------------------- add_relu_ (in place)
+//
+// What torch's own in-place ops get from their generated kernels: the Autograd kernel records
+// the write in the graph (here: the out-of-place op's node, then an autograd-aware copy_ into x,
+// which refuses a leaf that requires grad, as x.add_() does), and the ADInplaceOrView kernel
+// bumps x's version counter, so autograd refuses a saved tensor that was overwritten since.
+
+const c10::TypedOperatorHandle<void(const at::Tensor&, const at::Tensor&)>& add_relu_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("deeparch::add_relu_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+void add_relu_inplace_autograd(const at::Tensor& x, const at::Tensor& identity) {
+  if (at::GradMode::is_enabled() && (needs_grad(x) || needs_grad(identity))) {
+    x.copy_(AddReLUFn::apply(x, identity));
+    return;
+  }
+  at::AutoDispatchBelowAutograd guard;  // on to ADInplaceOrView
+  add_relu_inplace_op().call(x, identity);
+}
+
+void add_relu_inplace_version_bump(const at::Tensor& x, const at::Tensor& identity) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    add_relu_inplace_op().call(x, identity);
+  }
+  torch::autograd::impl::bump_version(x);
 }
 
 // ---------------------------------------------------------------- fused_conv2d
@@ -142,8 +175,13 @@ at::Tensor fused_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(deeparch, ADInplaceOrView, m) {
+  m.impl("add_relu_", &add_relu_inplace_version_bump);
+}
+
 TORCH_LIBRARY_IMPL(deeparch, Autograd, m) {
   m.impl("add_relu", &add_relu_autograd);
+  m.impl("add_relu_", &add_relu_inplace_autograd);
   m.impl("fused_conv2d", &fused_conv2d_autograd);
 }
 

@@ -1,9 +1,10 @@
 // Shared argument checks for the deeparch C++ kernels: every check names the argument and what
 // was expected, so bad input is a clear Python error (RuntimeError), never a crash.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
-#define DEEPARCH_API_VERSION 2
+#define DEEPARCH_API_VERSION 3
 
 #define DA_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
 
@@ -26,9 +27,10 @@ inline void check_float_dtype(const char* op, const at::Tensor& t, const char* n
 }
 
 // The memory format torch's conv2d gives its output: channels_last when the input or the weight
-// is laid out channels_last. The Python fake implementation applies the same rule.
+// suggests it (Tensor::suggest_memory_format, as ATen's convolution decides, also for ambiguous
+// strides). The Python side (ops/_lib.py output_memory_format) applies the same rule.
 inline bool is_channels_last_4d(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
 // True when a, b and out can be walked as one flat array in the same element order.
@@ -59,6 +61,15 @@ inline void check_add_relu_args(const char* op, const at::Tensor& x, const at::T
   check_same_device_dtype(op, x, "x", identity, "identity");
   DA_CHECK_ARG(x.sizes() == identity.sizes(), op, "identity must have x's shape ", x.sizes(),
                ", got ", identity.sizes());
+}
+
+// add_relu_ writes x: torch's in-place rules (ATen/MemoryOverlap.h), as x.add_(identity) applies
+// them: no element of x shared by two indices, no partial overlap of x and identity.
+inline void check_add_relu_inplace_args(const char* op, const at::Tensor& x,
+                                        const at::Tensor& identity) {
+  check_add_relu_args(op, x, identity);
+  at::assert_no_internal_overlap(x);
+  at::assert_no_partial_overlap(x, identity);
 }
 
 void check_fused_conv2d_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

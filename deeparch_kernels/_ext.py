@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger("deeparch_kernels")
 
-API_VERSION = 2  # must match DEEPARCH_API_VERSION in csrc/common.h
+API_VERSION = 3  # must match DEEPARCH_API_VERSION in csrc/common.h
 
 _state: dict = {"loaded": False, "cuda": False, "reason": "not loaded yet", "info": None}
 

@@ -30,6 +30,15 @@ def conv_allows_tf32() -> bool:
     return False  # "none" all the way up: what the legacy allow_tf32 = False leaves behind
 
 
+def key(device_type: str) -> Tuple[object, ...]:
+    """The precision settings a convolution's result depends on, for caching per setting: on
+    CUDA whether fp32 convolutions may use TF32; on the CPU oneDNN's fp32 precision."""
+    if device_type == "cuda":
+        return ("tf32" if conv_allows_tf32() else "ieee",)
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "conv", None)
+    return (getattr(mkldnn, "fp32_precision", "none"),)
+
+
 def _state() -> Optional[Tuple[str, ...]]:
     if not _new_api():
         return None

@@ -30,6 +30,7 @@ Device defaults:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deeparch-bench",
         description="Verify every available deeparch-kernels backend against a float64 reference, "
                     "then time it against eager PyTorch and torch.compile (ops and whole models). "
-                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json'.",
+                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json', 'cache [--clear]'.",
         epilog="Shapes: anchors, vgg, resnet, conv, add, cpu, tiny, conv:CxHxSTRIDE[xK[xKSIZE]], "
                "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).",
     )
@@ -265,6 +266,39 @@ def _plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cache_main(argv: Sequence[str]) -> int:
+    from .backends import choice_cache
+
+    p = _Parser(prog="deeparch-bench cache",
+                description="backend='auto' remembers its choices (and the backends its check "
+                            "refused) on disk, one file per machine and software versions, under "
+                            "$DEEPARCH_CACHE_DIR (default ~/.cache/deeparch_kernels). Shows them.")
+    p.add_argument("--clear", action="store_true", help="delete the files (the next run checks and times again)")
+    a = p.parse_args(list(argv))
+    d = choice_cache.directory()
+    if d is None:
+        print("the choice cache is off (DEEPARCH_CACHE_DIR=off)")
+        return 0
+    files = choice_cache.files()
+    if a.clear:
+        choice_cache.reset(delete_files=True)
+        print(f"deleted {len(files)} file(s) under {d}")
+        return 0
+    print(f"{d}: {len(files)} file(s)")
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+            ident = ", ".join(f"{k} {v}" for k, v in data.get("identity", {}).items())
+            print(f"\n{f.name}: {ident}\n  {len(data.get('choices', {}))} choices, "
+                  f"{sum(len(v) for v in data.get('exclusions', {}).values())} exclusions")
+            for k, v in data.get("exclusions", {}).items():
+                for b, why in v.items():
+                    print(f"  refused {b} for {k}: {why}")
+        except (OSError, ValueError) as e:
+            print(f"\n{f.name}: unreadable ({e}); it is ignored")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -272,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _compare_main(argv[1:])
         if argv and argv[0] == "plot":
             return _plot_main(argv[1:])
+        if argv and argv[0] == "cache":
+            return _cache_main(argv[1:])
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     try:

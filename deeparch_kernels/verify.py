@@ -212,8 +212,8 @@ def verify(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *,
 
 
 def _resolved(device: torch.device, dtype: torch.dtype) -> List[str]:
-    picks = {choice for (op, dev, key), choice in _backends.cached_choices().items()
-             if dev.type == device.type and key and key[0] == dtype}
+    picks = {choice for (op, dev, key, _precision), choice in _backends.cached_choices().items()
+             if torch.device(dev).type == device.type and key and key[0] == dtype}
     return sorted(picks)
 
 

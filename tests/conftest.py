@@ -5,12 +5,15 @@ must be set before any kernel is defined, i.e. before deeparch_kernels is import
 here. Tests marked ``gpu`` are skipped without CUDA.
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" remembers its choices on disk: the tests' go to a directory of their own.
+os.environ.setdefault("DEEPARCH_CACHE_DIR", tempfile.mkdtemp(prefix="deeparch-test-cache-"))
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -189,12 +189,8 @@ def test_module(inplace, gen):
 @pytest.mark.parametrize(
     "x,y,exc,match",
     [
-        (torch.randn(2, 3), torch.randn(3, 2), ValueError, "identity must have x's shape"),
-        (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float16), TypeError, "identity must have x's dtype"),
+        (torch.randn(2, 3), torch.randn(3, 2), ValueError, "does not broadcast with x's"),
         (torch.randn(2, 3), torch.randn(2, 3, device="meta"), ValueError, "identity must be on x's device"),
-        (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), TypeError, "float32, float16 or bfloat16"),
-        (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 4, 5),
-         ValueError, "mixed memory formats"),
         (torch.randn(2, 3), [1.0], TypeError, "must be tensors"),
     ],
 )
@@ -222,13 +218,15 @@ def test_unknown_and_unavailable_backend():
         dk.add_relu(x, y, backend="cuda")
 
 
-def test_auto_picks_cpp_on_cpu_and_caches():
+def test_auto_picks_cpp_on_cpu_and_caches(monkeypatch):
+    """Without timing, auto takes the first candidate of the CPU order once it checked it."""
     if "cpu" not in backends_for("cpu"):
         pytest.skip("C++ extension not built")
+    monkeypatch.setenv("DEEPARCH_AUTOTUNE", "0")
     backends.clear_cache()
     x, y = torch.randn(33), torch.randn(33)
     dk.add_relu(x, y)
-    picks = [v for (op, dev, _), v in backends.cached_choices().items() if op == "add_relu"]
+    picks = [v for (op, dev, _, _), v in backends.cached_choices().items() if op == "add_relu"]
     assert picks == ["cpu"]
 
 

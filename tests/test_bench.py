@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import deeparch_kernels as dk
-from deeparch_kernels.bench import cases, compare, env, opbench, plots, report, schema, timing, verify
+from deeparch_kernels import timing
+from deeparch_kernels.bench import cases, compare, env, opbench, plots, report, schema, verify
 from deeparch_kernels.bench.runner import Config, run
 
 CPU = torch.device("cpu")

@@ -87,8 +87,8 @@ def test_backend_reports_why_on_cpu():
 
 
 def test_registered_with_the_op():
-    assert backends._IMPLS[OP]["cutlass"] is torch.ops.deeparch.fused_conv2d_cutlass.default
-    assert backends._SUPPORTS[OP]["cutlass"] is conv_ops._cutlass_supports
+    assert backends.impl(OP, "cutlass") is torch.ops.deeparch.fused_conv2d_cutlass.default
+    assert backends._OPS[OP].supports["cutlass"] is conv_ops._cutlass_supports
     if not torch.cuda.is_available():
         assert _ext.cutlass_reason() is not None
 

@@ -179,5 +179,5 @@ def test_auto_caches_one_choice_per_shape(cgen):
     y1 = dk.fused_conv2d(x, w, b, residual=r)
     y2 = dk.fused_conv2d(x, w, b, residual=r)
     assert torch.equal(y1, y2)
-    picks = [v for (op, _, _), v in backends.cached_choices().items() if op == "fused_conv2d"]
+    picks = [v for (op, _, _, _), v in backends.cached_choices().items() if op == "fused_conv2d"]
     assert len(picks) == 1 and picks[0] in ("cuda", "triton", "aten")

@@ -29,7 +29,16 @@ at::Tensor fused_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
 
   // x and weight go in as they are (ATen picks the layout, as for eager conv2d); the output is
   // brought to our rule's format, a no-op but for ambiguous shapes (C == 1, H == W == 1).
-  at::Tensor y = at::conv2d(x, weight, bias, stride, padding);  // eager conv2d's entry point
+  at::Tensor y;
+  const int64_t wo = (x.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
+  if (x.scalar_type() == at::kBFloat16 && stride[1] > 1 && wo == 1) {
+    // oneDNN (3.12, in torch 2.14) gets bfloat16 convolutions with one output column and a
+    // column stride > 1 wrong (tests/test_fuzz.py found it; the Python aten backend routes
+    // around it the same way, ops/conv.py conv2d): with one column the stride doesn't matter.
+    y = at::conv2d(x, weight, bias, {stride[0], 1}, padding).narrow(3, 0, 1);
+  } else {
+    y = at::conv2d(x, weight, bias, stride, padding);  // eager conv2d's entry point
+  }
   y = y.contiguous(fmt);
   if (!(relu || res) || y.numel() == 0) return y;
   if (!relu) return y.add_(*res);  // no ReLU: a plain in-place add

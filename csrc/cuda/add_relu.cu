@@ -104,7 +104,7 @@ at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& identity) {
 }
 
 void add_relu_inplace_cuda(const at::Tensor& x, const at::Tensor& identity) {
-  check_add_relu_args("add_relu_", x, identity);
+  check_add_relu_inplace_args("add_relu_", x, identity);
   if (x.is_non_overlapping_and_dense()) {
     launch(x, as_layout_of(identity, x), x);
   } else {

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .._precision import conv_allows_tf32
+from ..timing import last_level_cache_bytes
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -51,23 +52,6 @@ def device_slug(device: torch.device) -> str:
     m = re.search(r"\b([a-z]+\d+[a-z]*)\b", name)
     slug = m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
     return slug or "gpu"
-
-
-def last_level_cache_bytes(device: torch.device) -> int:
-    """L2 on a GPU; the CPU's last-level cache (32 MiB when it can't be read)."""
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    best = 0
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    try:
-        for idx in base.glob("index*"):
-            size = (idx / "size").read_text().strip().upper()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-            num = int(size.rstrip("KMG"))
-            best = max(best, num * mult)
-    except (OSError, ValueError):
-        pass
-    return best or (32 << 20)
 
 
 def git_info(path: Optional[Path] = None) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .cases import dtype_name
-from .timing import Budget, Timer, synchronize
+from ..timing import Budget, Timer, synchronize
 from .verify import classify, rel_err
 
 MODEL_NAMES = ("vgg16", "resnet18", "resnet50")

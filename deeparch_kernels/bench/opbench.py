@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases import AddCase, ConvCase, dtype_name
-from .env import last_level_cache_bytes
-from .timing import Budget, Rotation, Timer, rotation_count, synchronize
+from ..timing import Budget, Rotation, Timer, last_level_cache_bytes, rotation_count, synchronize
 from .verify import classify
 
 

@@ -212,6 +212,10 @@ def render(result: dict, *, markdown: bool = False) -> str:
     s = summary_table(rows, markdown=markdown)
     if s:
         parts.append(s)
+    excl = (result.get("auto") or {}).get("exclusions") or []
+    if excl:
+        parts.append(("## auto refused\n\n" if markdown else "auto refused:\n") + "\n".join(
+            f"- {e['op']} {e['backend']} on {e['device']} ({', '.join(e['key'])}): {e['reason']}" for e in excl))
     if result.get("notes"):
         parts.append(("## notes\n\n" if markdown else "notes:\n") + "\n".join(f"- {n}" for n in result["notes"]))
     parts.append(f"wall time {result['wall_s']:.1f} s; exit code {result['exit_code']}")

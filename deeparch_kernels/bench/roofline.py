@@ -20,7 +20,7 @@ import torch
 
 from .._precision import conv_allows_tf32
 from .cases import dtype_name
-from .timing import Timer
+from ..timing import Timer
 
 
 def measure_copy(device: torch.device, timer: Timer, nbytes: Optional[int] = None) -> Dict:

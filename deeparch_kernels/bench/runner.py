@@ -78,7 +78,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
 
     if log is None:
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    from .timing import Budget
+    from ..timing import Budget
 
     t_start = time.perf_counter()
     budget = Budget(cfg.budget_s)  # one budget for the whole run: timing adapts to verification's time
@@ -119,7 +119,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
         from .modelbench import ModelBench
         from .opbench import OpBench
         from .roofline import measure_ceilings
-        from .timing import Timer
+        from ..timing import Timer
 
         torch.manual_seed(cfg.seed)
         timer = Timer(dev, warmup=cfg.warmup, reps=cfg.reps, min_reps=min(5, cfg.reps),
@@ -156,6 +156,17 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
         log(f"warning: {busy}")
     environment = _env.environment(dev)
     environment["loadavg_1min"] = {"start": load_start, "end": load_end}
+    from .. import backends as _backends
+
+    auto = {
+        "choices": [{"op": k[0], "device": k[1], "key": [str(v) for v in k[2]], "precision": list(k[3]),
+                     "backend": b} for k, b in _backends.cached_choices().items()],
+        "exclusions": [{"op": e.op, "device": e.device, "key": [str(v) for v in e.key],
+                        "backend": e.backend, "reason": e.reason} for e in _backends.exclusions()],
+    }
+    if auto["exclusions"]:
+        notes.append(f"backend='auto' refused {len(auto['exclusions'])} backend(s) for some inputs "
+                     "(its check found them wrong, or they raised): see 'auto refused'")
     result = {
         "schema_version": SCHEMA_VERSION,
         "tool": "deeparch-bench",
@@ -168,6 +179,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
         "verification": verification,
         "timings": timings,
         "notes": notes,
+        "auto": auto,
         "wall_s": time.perf_counter() - t_start,
         "exit_code": 1 if failed else 0,
     }

@@ -21,6 +21,9 @@ Top level (all required)::
                   torchvision; status pass, fail, error, skip or missing)
   timings         list of rows (below); empty with --no-bench
   notes           list of str: what was skipped and why
+  auto            (optional: files before it lack it) what backend="auto" chose in the run,
+                  {choices: [{op, device, key, precision, backend}], exclusions: [{op, device,
+                  key, backend, reason}]}: the backends its check refused, and why
   wall_s          seconds the run took
   exit_code       0 all good, 1 a verification failure or an error
 
@@ -89,6 +92,10 @@ def validate(result: Any) -> List[str]:
     if not isinstance(result, dict):
         return ["the result is not a JSON object"]
     _check(result, TOP_KEYS, "result", errors)
+    auto = result.get("auto")
+    if auto is not None and not (isinstance(auto, dict) and isinstance(auto.get("choices"), list)
+                                 and isinstance(auto.get("exclusions"), list)):
+        errors.append("auto: expected {choices: list, exclusions: list}")
     if result.get("schema_version") != SCHEMA_VERSION:
         errors.append(f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     if isinstance(result.get("env"), dict):

@@ -25,8 +25,9 @@ from typing import Callable, List, Optional
 import torch
 
 from .cases import AddCase, ConvCase, build_cases, dtype_name
-from .env import device_name, git_info, last_level_cache_bytes, resolve_device
-from .timing import Rotation, Timer, rotation_count, synchronize
+from ..timing import last_level_cache_bytes
+from .env import device_name, git_info, resolve_device
+from ..timing import Rotation, Timer, rotation_count, synchronize
 
 DEVICE = resolve_device(os.environ.get("DEEPARCH_BENCH_DEVICE") or None)
 GPU = DEVICE.type == "cuda"

@@ -2,38 +2,35 @@
 
   schema      deeparch::add_relu(Tensor x, Tensor identity) -> Tensor
               deeparch::add_relu_(Tensor(a!) x, Tensor identity) -> ()   (x = relu(x + identity))
-  cpu, cuda   csrc/cpu/add_relu.cpp, csrc/cuda/add_relu.cu (registered by deeparch_kernels._C)
+  cpu, cuda   csrc/cpu/add_relu.cpp, csrc/cuda/add_relu.cu (registered by deeparch_kernels._C);
+              add_relu_'s version-counter bump and autograd: csrc/autograd.cpp
   triton      deeparch::add_relu_triton(_) below, kernel in deeparch_kernels/triton/add_relu.py
   aten        torch.add + in-place relu; reference: torch.relu(x + identity)
   fake        torch.empty_like(x): the output keeps x's memory format, like torch
   backward    both inputs get threshold_backward(grad, out, 0), the gradient torch.relu gives;
               in C++ (csrc/autograd.cpp) when the extension is built, else in Python below
+  check       what ``auto`` verifies a backend's output with (``_check``): torch's result, NaN
+              and Inf exactly, finite values within one rounding of the output dtype
+
+The public functions take what ``torch.relu(x + identity)`` (and, in place, torchvision's
+``out += identity; out = relu(out)``) takes: any dtype, a broadcastable identity, torch's type
+promotion, a 0-d CPU identity with a CUDA x. Our kernels run one dtype of float32, float16 or
+bfloat16 and identical shapes; with ``auto`` everything else runs as stock PyTorch.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import backends
-from ._lib import HAS_TRITON, check, check_same_format, is_non_overlapping_and_dense, lib
+from ..testing import mismatch, unit_roundoff
+from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, check_inplace_overlap, fx_proxy,
+                   is_non_overlapping_and_dense, lib)
 
 OP = "add_relu"
+OP_ = "add_relu_"
 
 lib.define("add_relu(Tensor x, Tensor identity) -> Tensor")
 lib.define("add_relu_(Tensor(a!) x, Tensor identity) -> ()")
-
-
-def _check_args(op: str, x: torch.Tensor, identity: torch.Tensor) -> None:
-    check(isinstance(x, torch.Tensor) and isinstance(identity, torch.Tensor), op,
-          "x and identity must be tensors", TypeError)
-    check(x.dtype in (torch.float32, torch.float16, torch.bfloat16), op,
-          f"x must be float32, float16 or bfloat16, got {x.dtype}", TypeError)
-    check(identity.device == x.device, op,
-          f"identity must be on x's device {x.device}, got {identity.device}")
-    check(identity.dtype == x.dtype, op, f"identity must have x's dtype {x.dtype}, got {identity.dtype}",
-          TypeError)
-    check(identity.shape == x.shape, op,
-          f"identity must have x's shape {tuple(x.shape)}, got {tuple(identity.shape)}")
-    check_same_format(op, x, "x", identity, "identity")
 
 
 @torch.library.register_fake("deeparch::add_relu")
@@ -80,6 +77,7 @@ if HAS_TRITON:
 
     @torch.library.triton_op("deeparch::add_relu_triton_", mutates_args={"x"})
     def add_relu_triton_(x: torch.Tensor, identity: torch.Tensor) -> None:
+        check_inplace_overlap("add_relu_", x, identity)
         if is_non_overlapping_and_dense(x):
             _tk.add_relu(x, _dense_like(identity, x), x)
         else:
@@ -97,7 +95,7 @@ def _aten(x, identity):
 
 
 def _aten_(x, identity):
-    x.add_(identity).relu_()
+    return x.add_(identity).relu_()
 
 
 def _reference(x, identity):
@@ -105,68 +103,129 @@ def _reference(x, identity):
 
 
 def _reference_(x, identity):
-    x.copy_(torch.relu(x + identity))
+    return x.copy_(torch.relu(x + identity))
 
 
-_OUT_OF_PLACE = {
-    "cuda": torch.ops.deeparch.add_relu.default,
-    "cpu": torch.ops.deeparch.add_relu.default,
-    "aten": _aten,
-    "reference": _reference,
-}
-_IN_PLACE = {
-    "cuda": torch.ops.deeparch.add_relu_.default,
-    "cpu": torch.ops.deeparch.add_relu_.default,
-    "aten": _aten_,
-    "reference": _reference_,
-}
+def _kernel_supports(x, identity):
+    """Why our kernels can't run these inputs (stock PyTorch then does), or None."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype}: our kernels take float32, float16 and bfloat16"
+    if identity.dtype != x.dtype:
+        return f"identity is {identity.dtype} and x {x.dtype}: type promotion runs on stock PyTorch"
+    if identity.shape != x.shape:
+        return f"identity {tuple(identity.shape)} broadcasts to x {tuple(x.shape)}: runs on stock PyTorch"
+    if identity.device != x.device:
+        return f"identity is on {identity.device} and x on {x.device}"
+    return None
+
+
+def _check(out, x, identity):
+    """How ``out`` differs from torch's relu(x + identity) beyond one rounding (None if not)."""
+    expected = torch.relu(x + identity).to(out.dtype if out.shape == x.shape else x.dtype)
+    bound = (x.detach().double().abs() + identity.detach().double().abs()) * unit_roundoff(expected.dtype)
+    return mismatch(out, expected, bound.expand(expected.shape))
+
+
+def _in_place(fn):
+    def run(x, identity):
+        fn(x, identity)
+        return x
+    return run
+
+
+_OUT_OF_PLACE = {"aten": _aten, "reference": _reference}
+_IN_PLACE = {"aten": _aten_, "reference": _reference_}
+for _name in ("cuda", "cpu"):  # the C++ kernels (available when the extension is built)
+    _OUT_OF_PLACE[_name] = torch.ops.deeparch.add_relu.default
+    _IN_PLACE[_name] = _in_place(torch.ops.deeparch.add_relu_.default)
 if HAS_TRITON:
     _OUT_OF_PLACE["triton"] = torch.ops.deeparch.add_relu_triton.default
-    _IN_PLACE["triton"] = torch.ops.deeparch.add_relu_triton_.default
+    _IN_PLACE["triton"] = _in_place(torch.ops.deeparch.add_relu_triton_.default)
 
-for _name, _fn in _OUT_OF_PLACE.items():
-    backends.register(OP, _name, _fn)
+backends.define_op(OP, check=_check)
+backends.define_op(OP_, check=_check, mutates=(0,))
+for _name in _OUT_OF_PLACE:
+    _sup = None if _name in backends.STOCK else _kernel_supports
+    backends.register(OP, _name, _OUT_OF_PLACE[_name], _sup)
+    backends.register(OP_, _name, _IN_PLACE[_name], _sup)
 
 
-def _key(x: torch.Tensor) -> tuple:
-    return (x.dtype, x.numel(), x.is_contiguous())
+def _check_args(op: str, x, identity, inplace: bool) -> None:
+    check(isinstance(x, torch.Tensor) and isinstance(identity, torch.Tensor), op,
+          lambda: f"x and identity must be tensors, got {type(x).__name__} and "
+                  f"{type(identity).__name__} (for a number c, use torch.relu(x + c))", TypeError)
+    check_dense(op, x, "x")
+    check_dense(op, identity, "identity")
+    check(identity.device == x.device or (identity.dim() == 0 and identity.device.type == "cpu"), op,
+          lambda: f"identity must be on x's device {x.device} (or be a 0-d CPU tensor), got "
+                  f"{identity.device}")
+    try:
+        shape = torch.broadcast_shapes(x.shape, identity.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: identity's shape {tuple(identity.shape)} does not broadcast with "
+                         f"x's {tuple(x.shape)}") from None
+    if inplace:
+        check(shape == x.shape, op, lambda: f"identity's shape {tuple(identity.shape)} broadcasts "
+              f"x's {tuple(x.shape)} to {tuple(shape)}: the result must fit x (in place)")
+        result = torch.result_type(x, identity)
+        check(torch.can_cast(result, x.dtype), op, lambda: f"the result type {result} can't be cast "
+              f"to x's dtype {x.dtype} (in place)", TypeError)
+        check_inplace_overlap(op, x, identity)
+
+
+def _key(x: torch.Tensor, identity: torch.Tensor) -> tuple:
+    return (x.dtype, identity.dtype, x.numel(), identity.numel(), x.is_contiguous(),
+            identity.stride() == x.stride())
 
 
 def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``relu(x + identity)`` in one pass; the output keeps x's memory format.
 
-    NaN and Inf come out exactly as ``torch.relu(x + identity)`` gives them. Differentiable in
-    both inputs. ``backend``: "auto" or one of deeparch_kernels.backends.BACKENDS.
+    Everything ``torch.relu(x + identity)`` takes (broadcasting, type promotion) and gives: NaN
+    and Inf come out exactly as torch gives them, differentiable in both inputs. ``backend``:
+    "auto" (checked before it is trusted, see deeparch_kernels.backends) or a backend name.
     """
+    proxy = fx_proxy(x, identity)
+    if proxy is not None:  # torch.fx.symbolic_trace: one call_function node
+        return proxy.tracer.create_proxy("call_function", add_relu, (x, identity), {"backend": backend})
     try:
         fast = (OP, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
-    except AttributeError:  # not tensors: the checks below say so
+    except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
         fast = None
     fn = backends.fast_lookup(fast) if fast is not None else None
     if fn is None:
-        _check_args("add_relu", x, identity)
-        name = backends.choose(OP, backend, x.device, _key(x), (x, identity))
-        fn = backends.fast_store(fast, OP, name) if fast is not None else _OUT_OF_PLACE[name]
+        if backend == "auto" and backends.is_tracing():
+            return torch.relu(x + identity)  # stock ops: the compiler fuses them with their neighbours
+        _check_args(OP, x, identity, inplace=False)
+        fn = backends.impl(OP, backends.choose(OP, backend, x.device, _key(x, identity), (x, identity)))
+        backends.fast_store(fast, fn)
     return fn(x, identity)
 
 
 def add_relu_(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """In place: ``x = relu(x + identity)``, torchvision's ``out += identity; out = relu(out)``.
-    Returns x."""
-    try:
-        fast = (OP + "_", backend, backends.tensor_sig(x), backends.tensor_sig(identity))
-        name = backends.fast_lookup(fast)
-    except AttributeError:  # not tensors: the checks below say so
-        fast, name = None, None
-    if name is None:
-        _check_args("add_relu_", x, identity)
-        name = backends.choose(OP, backend, x.device, _key(x), (x, identity))
-        if fast is not None:
-            backends.fast_remember(fast, name)
-    if torch.is_grad_enabled() and (x.requires_grad or identity.requires_grad):
+    """In place: ``x = relu(x + identity)``, torchvision's ``out += identity; out = relu(out)``
+    (x keeps its dtype; identity broadcasts to x). Returns x. Bumps x's version counter, and
+    refuses an identity that partially overlaps x, as torch's in-place ops do."""
+    proxy = fx_proxy(x, identity)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", add_relu_, (x, identity), {"backend": backend})
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and isinstance(identity, torch.Tensor) \
+            and (x.requires_grad or identity.requires_grad):
+        _check_args(OP_, x, identity, inplace=True)
         # Autograd through the out-of-place op, then an autograd-aware copy into x (like x += y,
         # this raises for a leaf that requires grad).
-        x.copy_(_OUT_OF_PLACE[name](x, identity))
-    else:
-        _IN_PLACE[name](x, identity)
-    return x
+        return x.copy_(add_relu(x, identity, backend=backend))
+    try:
+        fast = (OP_, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
+    except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
+        fast = None
+    fn = backends.fast_lookup(fast) if fast is not None else None
+    if fn is None:
+        if backend == "auto" and backends.is_tracing():
+            return x.add_(identity).relu_()
+        _check_args(OP_, x, identity, inplace=True)
+        fn = backends.impl(OP_, backends.choose(OP_, backend, x.device, _key(x, identity), (x, identity)))
+        backends.fast_store(fast, fn)
+    elif x.data_ptr() != identity.data_ptr() and x.untyped_storage().data_ptr() == identity.untyped_storage().data_ptr():
+        check_inplace_overlap(OP_, x, identity)  # same signatures, but views of one storage
+    return fn(x, identity)

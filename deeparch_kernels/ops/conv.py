@@ -2,48 +2,54 @@
 
   schema      deeparch::fused_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual,
                                      int[2] stride, int[2] padding, bool relu) -> Tensor
+              deeparch::fused_conv2d_auto(...same...) -> Tensor: ``backend="auto"`` as one op,
+              the choice made when it runs (what torch.compile and torch.export record)
   cpu         csrc/cpu/fused_conv2d.cpp (oneDNN conv + one fused epilogue pass)
   cutlass     deeparch::fused_conv2d_cutlass below, csrc/cuda/cutlass/ (CUTLASS 3.x sm_90a:
               TMA im2col + WGMMA, the epilogue fused through CUTLASS's visitor tree)
   cuda        csrc/cuda/fused_conv2d.cu (tensor-core implicit GEMM, fused epilogue)
   triton      deeparch::fused_conv2d_triton below, kernel in deeparch_kernels/triton/conv.py
-  aten        ATen/cuDNN/oneDNN conv2d (+bias), then our fused add+ReLU (or ReLU)
+  aten        ATen/cuDNN/oneDNN conv2d (+bias), then torch's add/ReLU in place on its output
+              (``conv2d`` below: F.conv2d, routed around a oneDNN bf16 bug)
   reference   plain torch: relu(conv2d(x, w, b) + residual)
-  fake        the output shape, in the memory format torch's conv2d gives (channels_last when
-              x or weight is channels_last)
+  fake        the output shape, in the memory format torch's conv2d gives (ops/_lib.py
+              output_memory_format: channels_last when x or weight suggests it)
   backward    ReLU mask from the output (threshold_backward), then ATen's convolution_backward
               for x, weight and bias; the residual gets the masked gradient. In C++
               (csrc/autograd.cpp) when the extension is built, else in Python below; the Triton
-              op keeps the Python one
+              and auto ops keep the Python one
+  check       what ``auto`` verifies a backend's output with (``_check``): torch's result, NaN
+              and Inf exactly, finite values within a bound from the dtype's rounding and the
+              reduction length
 
-groups=1 and dilation=1 only; any kernel size, stride >= 1, padding >= 0.
+The public ``fused_conv2d`` takes what ``relu(F.conv2d(x, weight, bias, stride, padding,
+dilation, groups) + residual)`` takes -- unbatched (C, H, W) inputs, ``padding="same"/"valid"``,
+numpy or 0-d tensor ints, a residual in another dtype (torch's promotion), another memory format
+or broadcastable, autocast -- and gives torch's result. Our kernels run groups=1, dilation=1,
+one dtype of float32/float16/bfloat16; with ``auto`` the rest runs as stock PyTorch, and an
+explicit backend that can't run it raises BackendUnavailable.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .. import backends
-from ._lib import HAS_TRITON, check, formats, lib
-from .add_relu import add_relu, add_relu_
+from .. import _precision, backends
+from ..testing import mismatch, unit_roundoff
+from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, fx_proxy, int_pair, lib,
+                   output_memory_format)
+from .add_relu import add_relu
 
 OP = "fused_conv2d"
 _SCHEMA_ARGS = ("Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
                 "int[2] padding, bool relu")
 lib.define(f"fused_conv2d({_SCHEMA_ARGS}) -> Tensor")
+lib.define(f"fused_conv2d_auto({_SCHEMA_ARGS}) -> Tensor")
 
 IntPair = Union[int, Sequence[int]]
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """torch's conv2d rule (and csrc/common.h's): channels_last if x or weight is."""
-    return torch.channels_last if (_is_channels_last(x) or _is_channels_last(weight)) else torch.contiguous_format
 
 
 def output_shape(x, weight, stride, padding) -> Tuple[int, int, int, int]:
@@ -79,6 +85,7 @@ def register_python_autograd() -> None:
     """deeparch::fused_conv2d's autograd in Python: only where the C++ extension
     (csrc/autograd.cpp, the same backward without a Python call on the path) is missing or stale."""
     torch.library.register_autograd("deeparch::fused_conv2d", _backward, setup_context=_setup_context)
+
 
 if HAS_TRITON:
 
@@ -139,16 +146,28 @@ def _cutlass_supports(x, weight, bias, residual, stride, padding, relu):
     return cutlass_refusal(x.dtype, x.shape, weight.shape, stride, padding, cap)
 
 
+def conv2d(x, weight, bias, stride, padding):
+    """F.conv2d, routed around a oneDNN bug: on the CPU, bfloat16 convolutions with a single
+    output column and a column stride > 1 come out wrong (oneDNN 3.12 in torch 2.14; found by
+    tests/test_fuzz.py). With one output column the stride doesn't matter: stride 1, column 0.
+    csrc/cpu/fused_conv2d.cpp does the same."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and stride[1] > 1 and \
+            (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] == 0:
+        y = F.conv2d(x, weight, bias, (stride[0], 1), padding)[..., :1]
+        return y.contiguous(memory_format=output_memory_format(x, weight))
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
 def _aten(x, weight, bias, residual, stride, padding, relu):
-    y = F.conv2d(x, weight, bias, stride, padding)
+    y = conv2d(x, weight, bias, stride, padding)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, residual)):
         if residual is not None:
-            return add_relu(y, residual) if relu else y + residual
+            y = y + residual
         return torch.relu(y) if relu else y
-    # Inference: the epilogue in place on the fresh conv output, one pass, no allocation.
+    # Inference: the epilogue in place on the fresh conv output, no allocation.
     if residual is not None:
-        return add_relu_(y, residual) if relu else y.add_(residual)
+        y.add_(residual)
     return y.relu_() if relu else y
 
 
@@ -159,112 +178,237 @@ def _reference(x, weight, bias, residual, stride, padding, relu):
     return torch.relu(y) if relu else y
 
 
-def _cuda_supports(x, weight, *_):
+def _kernel_supports(x, weight, bias, residual, stride, padding, relu):
+    """Why our kernels (cpu, cuda, triton) can't run these inputs (stock PyTorch then does)."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype}: our kernels take float32, float16 and bfloat16"
     return None
 
 
-backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d.default)
-backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _cuda_supports)
+def _check(out, x, weight, bias, residual, stride, padding, relu):
+    """How ``out`` differs from torch's result beyond the op's error bound (None if it does not).
+
+    The expected result is torch's, rounded as torch rounds: conv2d(x, w) + bias to the dtype,
+    then + residual, rounded again (a fused kernel may round once); the convolution itself is
+    computed in float32 for the half types (exact products), which also keeps it clear of
+    oneDNN's half-precision paths. Both accumulate a length-L dot product (L = C*kh*kw). The bound
+    per element: two roundings of the terms (2u (|conv| + |residual| + |out|)), plus the
+    accumulation's worst case on the sum of absolute products A = conv2d(|x|, |w|) + |bias|:
+    L * 2^-24 for fp32 accumulation (exact products of half inputs, or fp32), 2^-10 where
+    fp32 convolutions may round their inputs to TF32 (or 2^-7 to bf16 on the CPU), L * 2^-53 in
+    float64. Garbage, a missed tap, a wrong channel or a swallowed NaN are far outside it."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = F.conv2d(x.to(wide), weight.to(wide), None if bias is None else bias.to(wide), stride,
+                 padding).to(x.dtype)
+    pre = c if residual is None else (c.to(wide) + residual.to(wide)).to(x.dtype)
+    expected = torch.relu(pre) if relu else pre
+    a = F.conv2d(x.detach().abs().to(wide), weight.detach().abs().to(wide), None, stride, padding)
+    if bias is not None:
+        a = a + bias.detach().abs().to(wide)[:, None, None]
+    L = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    acc = L * unit_roundoff(torch.float32) if wide == torch.float32 else L * unit_roundoff(torch.float64)
+    if x.dtype == torch.float32:
+        mode = _precision.key(x.device.type)[0]
+        acc = max(acc, {"tf32": 2.0 ** -10, "bf16": 2.0 ** -7}.get(mode, 0.0))
+    terms = c.detach().to(wide).abs() + expected.detach().to(wide).abs()
+    if residual is not None:
+        terms = terms + residual.detach().to(wide).abs()
+    tiny = torch.finfo(expected.dtype).tiny
+    bound = 2 * unit_roundoff(expected.dtype) * terms + acc * a + tiny
+    return mismatch(out, expected, bound)
+
+
+def _auto_impl(x, weight, bias, residual, stride, padding, relu):
+    """deeparch::fused_conv2d_auto when it runs: the eager ``auto`` dispatch on real tensors."""
+    return _dispatch(x, weight, bias, residual, stride, padding, relu, "auto", None)
+
+
+lib.impl("fused_conv2d_auto", _auto_impl, "CPU")
+lib.impl("fused_conv2d_auto", _auto_impl, "CUDA")
+torch.library.register_fake("deeparch::fused_conv2d_auto")(_fake)
+torch.library.register_autograd("deeparch::fused_conv2d_auto", _backward, setup_context=_setup_context)
+
+backends.define_op(OP, check=_check)
+backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d.default, _kernel_supports)
+backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _kernel_supports)
 backends.register(OP, "cutlass", torch.ops.deeparch.fused_conv2d_cutlass.default, _cutlass_supports)
 backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 if HAS_TRITON:
-    backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default)
-# On the CPU both backends run oneDNN's convolution with our in-place epilogue; measured on the
+    backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
+# On the CPU both backends run oneDNN's convolution with an in-place epilogue; measured on the
 # VGG/ResNet batch-1 layers (benchmarks/results/2026-11-27-cpu.md) "aten" was 1.03x eager and
 # the C++ op 0.99x, so "auto" takes "aten" first there.
 backends.set_auto_order(OP, "cpu", ("aten", "cpu"))
 
 
-def _pair(v: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    check(len(v) == 2 and all(isinstance(i, int) for i in v), OP,
-          f"{name} must be an int or a pair of ints, got {v!r}", TypeError)
-    return v  # type: ignore[return-value]
+# --------------------------------------------------------------------------- the public function
+
+def _padding(padding, weight, stride, dilation) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(symmetric padding, extra right/bottom padding) for an int, pair, "same" or "valid"."""
+    if padding is None:
+        return (weight.shape[2] // 2, weight.shape[3] // 2), (0, 0)
+    if isinstance(padding, str):
+        check(padding in ("same", "valid"), OP, lambda: f"padding must be 'same', 'valid', an int or "
+              f"a pair, got {padding!r}")
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        check(stride == (1, 1), OP, "padding='same' is not supported for strided convolutions "
+              "(as in torch.nn.functional.conv2d)")
+        total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+        return (total[0] // 2, total[1] // 2), (total[0] - total[0] // 2 * 2, total[1] - total[1] // 2 * 2)
+    return int_pair(padding, OP, "padding"), (0, 0)
 
 
 def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> None:
     check(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), OP,
-          "x and weight must be tensors", TypeError)
-    check(x.dim() == 4, OP, f"x must be 4-D (N, C, H, W), got {x.dim()}-D")
-    check(weight.dim() == 4, OP, f"weight must be 4-D (K, C, kh, kw), got {weight.dim()}-D")
-    check(x.dtype in (torch.float32, torch.float16, torch.bfloat16), OP,
-          f"x must be float32, float16 or bfloat16, got {x.dtype}", TypeError)
-    check(groups == 1, OP, f"groups={groups} is not supported (only groups=1)", NotImplementedError)
-    check(dilation == (1, 1), OP, f"dilation={dilation} is not supported (only 1)", NotImplementedError)
-    check(stride[0] >= 1 and stride[1] >= 1, OP, f"stride must be >= 1, got {stride}")
-    check(padding[0] >= 0 and padding[1] >= 0, OP, f"padding must be >= 0, got {padding}")
+          lambda: f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}",
+          TypeError)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            check(isinstance(t, torch.Tensor), OP, lambda: f"{name} must be a tensor or None, got "
+                  f"{type(t).__name__}", TypeError)
+            check_dense(OP, t, name)
+    check(x.dim() == 4, OP, lambda: f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got {x.dim()}-D")
+    check(weight.dim() == 4, OP, lambda: f"weight must be 4-D (K, C/groups, kh, kw), got {weight.dim()}-D")
+    check(x.is_floating_point() or x.is_complex(), OP, lambda: f"x must be a floating-point tensor "
+          f"(as for conv2d), got {x.dtype}", TypeError)
+    check(groups >= 1 and x.shape[1] % groups == 0 and weight.shape[0] % groups == 0, OP,
+          lambda: f"groups={groups} must be >= 1 and divide x's {x.shape[1]} channels and weight's "
+                  f"{weight.shape[0]} output channels")
+    check(stride[0] >= 1 and stride[1] >= 1, OP, lambda: f"stride must be >= 1, got {stride}")
+    check(padding[0] >= 0 and padding[1] >= 0, OP, lambda: f"padding must be >= 0, got {padding}")
+    check(dilation[0] >= 1 and dilation[1] >= 1, OP, lambda: f"dilation must be >= 1, got {dilation}")
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is None:
-            continue
-        check(isinstance(t, torch.Tensor), OP, f"{name} must be a tensor or None", TypeError)
-        check(t.device == x.device, OP, f"{name} must be on x's device {x.device}, got {t.device}")
-        check(t.dtype == x.dtype, OP, f"{name} must have x's dtype {x.dtype}, got {t.dtype}", TypeError)
-    check(weight.shape[1] == x.shape[1], OP,
-          f"weight has {weight.shape[1]} input channels but x has {x.shape[1]} "
-          "(weight must be (K, C, kh, kw); groups != 1 is not supported)")
-    H, W = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
-    check(H >= weight.shape[2] and W >= weight.shape[3], OP,
-          f"the padded input ({H}x{W}) is smaller than the kernel "
-          f"({weight.shape[2]}x{weight.shape[3]})")
+        if t is not None:
+            check(t.device == x.device, OP, lambda: f"{name} must be on x's device {x.device}, got {t.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check(t.dtype == x.dtype, OP, lambda: f"{name} must have x's dtype {x.dtype}, got {t.dtype} "
+                  "(as for conv2d; under autocast both are cast)", TypeError)
+    check(weight.shape[1] * groups == x.shape[1], OP,
+          lambda: f"weight has {weight.shape[1]} input channels per group but x has {x.shape[1]} "
+                  f"channels (groups={groups}): weight must be (K, C/groups, kh, kw)")
+    H = x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1)
+    W = x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1)
+    check(H >= 1 and W >= 1, OP, lambda: f"the padded input ({x.shape[2] + 2 * padding[0]}x"
+          f"{x.shape[3] + 2 * padding[1]}) is smaller than the kernel ({weight.shape[2]}x{weight.shape[3]}, "
+          f"dilation {dilation})")
     K = weight.shape[0]
     if bias is not None:
-        check(bias.shape == (K,), OP, f"bias must have shape ({K},), got {tuple(bias.shape)}")
-    if residual is not None:
-        want = output_shape(x, weight, stride, padding)
-        check(tuple(residual.shape) == want, OP,
-              f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
-        out_fmt = "channels_last" if output_memory_format(x, weight) == torch.channels_last else "contiguous"
-        if formats(residual) and out_fmt not in formats(residual):
-            raise ValueError(f"{OP}: residual is {'/'.join(sorted(formats(residual)))} but the output "
-                             f"will be {out_fmt} (torch's rule: channels_last if x or weight is); "
-                             "mixed memory formats are not supported: convert residual with "
-                             ".contiguous(memory_format=...)")
+        check(bias.shape == (K,), OP, lambda: f"bias must have shape ({K},), got {tuple(bias.shape)}")
+
+
+def _key(x, weight, bias, residual, stride, padding, relu) -> tuple:
+    return (x.dtype, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding),
+            bias is not None, residual is not None, relu, output_memory_format(x, weight))
+
+
+def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
+    """The kernel path: validated arguments in the op's own form (4-D, one dtype, residual of
+    the output's shape and dtype); the chosen implementation, remembered for ``fast``."""
+    args = (x, weight, bias, residual, list(stride), list(padding), relu)
+    if backend == "auto" and backends.is_tracing():
+        return torch.ops.deeparch.fused_conv2d_auto(*args)  # the choice is made when it runs
+    fn = backends.impl(OP, backends.choose(OP, backend, x.device, _key(*args), args))
+    backends.fast_store(fast, (fn, args[4], args[5]))
+    return fn(*args)
 
 
 def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 stride: IntPair = 1, padding: Optional[IntPair] = None,
+                 stride: IntPair = 1, padding: Union[None, str, IntPair] = None,
                  residual: Optional[torch.Tensor] = None, relu: bool = True,
                  dilation: IntPair = 1, groups: int = 1, backend: str = "auto") -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias, stride, padding) + residual)`` as one op.
+    """``relu(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` as one op.
 
-    padding=None means kernel_size // 2 ("same" for odd kernels at stride 1). The ReLU and the
-    residual add are optional and fused into the convolution's epilogue. The output takes the
-    memory format torch's conv2d would give (channels_last if x or weight is). groups and
-    dilation other than 1 raise NotImplementedError. ``backend``: "auto" or one of
-    deeparch_kernels.backends.BACKENDS.
+    padding=None means kernel_size // 2 ("same" for odd kernels at stride 1); "same" and
+    "valid" as in F.conv2d. The ReLU and the residual add are optional and fused into the
+    convolution's epilogue. The result is torch's: its dtype (a residual of another dtype is
+    added with type promotion), its memory format (channels_last if x or weight is), NaN and Inf
+    as torch gives them. Under autocast x, weight and bias are cast as for conv2d.
+    ``backend``: "auto" (checked before it is trusted, see deeparch_kernels.backends) or a
+    backend name; groups and dilation other than 1 run as stock PyTorch (``auto``, ``aten``,
+    ``reference``).
     """
+    proxy = fx_proxy(x, weight, bias, residual)
+    if proxy is not None:  # torch.fx.symbolic_trace: one call_function node
+        return proxy.tracer.create_proxy(
+            "call_function", fused_conv2d, (x, weight, bias),
+            dict(stride=stride, padding=padding, residual=residual, relu=relu, dilation=dilation,
+                 groups=groups, backend=backend))
     sig = backends.tensor_sig
     try:
         fast = (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
                 dilation, groups)
-        fn = backends.fast_lookup(fast)
-    except (AttributeError, TypeError):  # not tensors, or unhashable arguments: checked below
-        fast, fn = None, None
-    if fn is None:
-        fn, stride, padding = _resolve(x, weight, bias, residual, stride, padding, relu, dilation,
-                                       groups, backend, fast)
-    elif padding is None:
-        padding = (weight.shape[2] // 2, weight.shape[3] // 2)
-    s, p = _pair(stride, "stride"), _pair(padding, "padding")
-    return fn(x, weight, bias, residual, [s[0], s[1]], [p[0], p[1]], relu)
+        hit = backends.fast_lookup(fast)
+        if torch.is_autocast_enabled(x.device.type):
+            fast, hit = None, None  # the casts depend on the autocast state: the full path
+    except (AttributeError, TypeError, RuntimeError):  # not dense tensors, unhashable arguments: checked below
+        fast, hit = None, None
+    if hit is not None:  # these exact inputs were checked and dispatched before
+        fn, s, p = hit
+        return fn(x, weight, bias, residual, s, p, relu)
+    return _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast)
 
 
-def _resolve(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast):
-    """The slow path of fused_conv2d: validate, pick the backend, remember the pick."""
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
-    if padding is None:
-        check(isinstance(weight, torch.Tensor) and weight.dim() == 4, OP,
-              "weight must be a 4-D tensor (K, C, kh, kw)")
-        padding = (weight.shape[2] // 2, weight.shape[3] // 2)
-    padding = _pair(padding, "padding")
-    _check_args(x, weight, bias, residual, stride, padding, dilation, groups)
-    key = (x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding, bias is not None,
-           residual is not None, relu, output_memory_format(x, weight))
-    args = (x, weight, bias, residual, list(stride), list(padding), relu)
-    name = backends.choose(OP, backend, x.device, key, args)
-    fn = backends.fast_store(fast, OP, name) if fast is not None else backends._IMPLS[OP][name]
-    return fn, stride, padding
+def _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast):
+    """fused_conv2d's full path: normalise and check the arguments as F.conv2d would, run what
+    our kernels can't on stock PyTorch, dispatch the rest."""
+    check(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), OP,
+          lambda: f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}",
+          TypeError)
+    backends.check_name(backend)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+        if residual is not None and residual.dim() == 3:
+            residual = residual.unsqueeze(0)
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(x.device.type)  # F.conv2d's autocast rule: lower precision
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    stride = int_pair(stride, OP, "stride")
+    dilation = int_pair(dilation, OP, "dilation")
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{OP}: groups must be an int, got {groups!r}") from None
+    check(weight.dim() == 4, OP, lambda: f"weight must be 4-D (K, C/groups, kh, kw), got {weight.dim()}-D")
+    pad, extra = _padding(padding, weight, stride, dilation)
+    _check_args(x, weight, bias, residual, stride, pad, dilation, groups)
+    if extra != (0, 0):  # "same" with an even kernel: the odd pixel on the right/bottom, as torch
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    out_shape = (x.shape[0], weight.shape[0],
+                 (x.shape[2] + 2 * pad[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1,
+                 (x.shape[3] + 2 * pad[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1)
+    stock = groups != 1 or dilation != (1, 1)
+    if stock and backend not in ("auto", "aten", "reference"):
+        raise backends.BackendUnavailable(
+            f"{OP}: backend {backend!r} can't run these inputs: groups={groups}, dilation={dilation} "
+            "(our kernels run groups=1, dilation=1; 'auto', 'aten' and 'reference' run them on stock PyTorch)")
+    epilogue = None  # a residual the fused epilogue can't take: torch's add (+ReLU) after the conv
+    if residual is not None:
+        try:
+            shape = torch.broadcast_shapes(out_shape, residual.shape)
+        except RuntimeError:
+            raise ValueError(f"{OP}: residual must have the output's shape {tuple(out_shape)} (or "
+                             f"broadcast to it), got {tuple(residual.shape)}") from None
+        if residual.dtype != x.dtype or tuple(residual.shape) != tuple(out_shape) or tuple(shape) != tuple(out_shape):
+            epilogue, residual = residual, None
+        else:  # mixed memory formats: the residual is brought to the output's
+            fmt = output_memory_format(x, weight)
+            if not residual.is_contiguous(memory_format=fmt):
+                residual = residual.contiguous(memory_format=fmt)
+    if stock:
+        y = F.conv2d(x, weight, bias, stride, pad, dilation, groups)
+        if residual is not None:
+            y = y + residual
+        if relu and epilogue is None:
+            y = torch.relu(y)
+        fast = None
+    else:
+        y = _dispatch(x, weight, bias, residual, stride, pad, relu and epilogue is None,
+                      backend, fast if epilogue is None and not unbatched and extra == (0, 0) else None)
+    if epilogue is not None:
+        y = add_relu(y, epilogue) if relu else y + epilogue
+    return y.squeeze(0) if unbatched else y

@@ -1,4 +1,5 @@
-"""Timing done right (.library/device/METHOD.md), on both devices, with counts not milliseconds.
+"""The one timer of the library: ``backend="auto"``'s choice, the main job (deeparch_kernels.bench)
+and the pytest-benchmark suite all time with it. Timing done right, on both devices.
 
 GPU: warm-up calls, then per repetition: flush L2 (zero a buffer larger than L2, as
 ``triton.testing.do_bench`` does), record a CUDA event, run, record another; one synchronise at
@@ -19,6 +20,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -84,6 +86,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 on a GPU; the CPU's last-level cache (32 MiB when it can't be read)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in base.glob("index*"):
+            size = (idx / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            num = int(size.rstrip("KMG"))
+            best = max(best, num * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
 class Timer:
     """Times callables on one device. ``warmup``: calls before timing; ``reps``: at most this many
     timed calls; ``min_reps``; ``max_time_s``: stop adding reps after this long."""
@@ -97,8 +116,6 @@ class Timer:
         self.max_time_s = float(max_time_s)
         self._flush = None
         if device.type == "cuda":
-            from .env import last_level_cache_bytes
-
             nbytes = flush_bytes or max(256 << 20, 2 * last_level_cache_bytes(device))
             self._flush = torch.empty(int(nbytes), dtype=torch.int8, device=device)
 
