@@ -274,3 +274,15 @@ def test_cuda_channel_padding_option(dtype, cgen, monkeypatch):
         x[0, 1, 3, 3] = float("nan")
         y1 = dk.fused_conv2d(x, w, b, stride=s, padding=p, residual=r, backend="cuda")
         assert_nonfinite_match(y1, _ref(x, w, b, r, s, p, True))
+
+
+def test_cutlass_opcheck(cgen):
+    """torch.library.opcheck on deeparch::fused_conv2d_cutlass: schema, fake, autograd
+    registration and dispatch agree (opcheck does not check the math: the tests above do)."""
+    _backend_or_skip("cutlass")
+    x, w, b, r, p = _case(2, 16, 9, 9, 24, 3, 1, torch.float16, True, True, cgen)
+    torch.library.opcheck(torch.ops.deeparch.fused_conv2d_cutlass.default,
+                          (x, w, b, r, [1, 1], [p, p], True))
+    x, w, b, _, p = _case(2, 16, 9, 9, 24, 3, 2, torch.bfloat16, False, False, cgen, channels_last=False)
+    torch.library.opcheck(torch.ops.deeparch.fused_conv2d_cutlass.default,
+                          (x.requires_grad_(), w, None, None, [2, 2], [p, p], False))

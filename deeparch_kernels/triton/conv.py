@@ -656,6 +656,18 @@ def _tma_env_enabled() -> bool:
     return os.environ.get("DEEPARCH_TRITON_TMA", "1") != "0"
 
 
+def _data_ptr(t: torch.Tensor) -> int:
+    """t's address; 0 (aligned) for the storage-less tensors torch.compile traces the launcher
+    with (fake / functional tensors: Inductor allocates aligned buffers and copies misaligned
+    graph inputs, as TensorDescriptor assumes too)."""
+    if type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
+        return 0
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
+
+
 def tma_refusal(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> Optional[str]:
     """Why conv_tma_kernel can't take these (packed channels_last) arguments, or None."""
     if tuple(stride) != (1, 1):
@@ -666,7 +678,7 @@ def tma_refusal(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) ->
     if C % 8 or K % 8:
         return f"the TMA kernel needs C and K multiples of 8 (16-byte rows), got C={C}, K={K}"
     for name, t in (("x", x), ("weight", weight)):
-        if t.data_ptr() % 16:
+        if _data_ptr(t) % 16:
             return f"the TMA kernel needs 16-byte aligned data; {name}'s is not"
     if x.device.type == "cuda" and _capability(x.device.index or 0)[0] < 9:
         return "the TMA kernel needs sm_90 or newer (tensor memory accelerator)"
