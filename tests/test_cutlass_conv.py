@@ -69,6 +69,13 @@ def test_supports_refusals(case, want):
     assert why is not None and want in why, why
 
 
+@needs_cutlass
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_refusal_words_dtypes_as_python(dtype):
+    plan = _plan((2, 16, 8, 8), (32, 16, 3, 3), (1, 1), (1, 1), dtype)
+    assert plan["refusal"] == _refusal((2, 16, 8, 8), (32, 16, 3, 3), dtype=dtype)
+
+
 def test_supports_accepts_the_anchor_layers():
     for N, C, H, s in [(32, 64, 224, 1), (32, 256, 56, 1), (32, 512, 7, 1), (32, 128, 56, 2), (1, 256, 14, 1)]:
         for dtype in (torch.float16, torch.bfloat16):

@@ -21,6 +21,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/kernel_hardware_info.hpp"
@@ -182,15 +184,16 @@ Plan plan_of(const ConvDesc& d) {
 template <class CK>
 cudaError_t opt_in_smem() {
   constexpr int kMaxDevices = 64;
-  static bool done[kMaxDevices] = {};
+  static std::atomic<bool> done[kMaxDevices] = {};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices && done[dev]) return cudaSuccess;
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev].load(std::memory_order_acquire)) return cudaSuccess;
   err = cudaFuncSetAttribute(cutlass::device_kernel<typename CK::Kernel>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(CK::Kernel::SharedStorageSize));
-  if (err == cudaSuccess && dev >= 0 && dev < kMaxDevices) done[dev] = true;
+  if (err == cudaSuccess && cached) done[dev].store(true, std::memory_order_release);
   return err;
 }
 

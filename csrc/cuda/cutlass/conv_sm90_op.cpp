@@ -101,7 +101,10 @@ std::string refusal(at::ScalarType dtype, int64_t N, int64_t C, int64_t H, int64
                     int64_t R, int64_t S, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   std::ostringstream why;
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
-    why << "the CUTLASS kernels take float16 or bfloat16, got " << c10::toString(dtype);
+    // torch's Python names, as the Python side words it
+    const char* name = dtype == at::kFloat ? "float32" : dtype == at::kDouble ? "float64"
+                                                                              : c10::toString(dtype);
+    why << "the CUTLASS kernels take float16 or bfloat16, got " << name;
   } else if (C <= 0 || C % 8 != 0 || K % 8 != 0) {
     why << "the CUTLASS kernels need C and K multiples of 8 (16-byte TMA rows), got C=" << C
         << ", K=" << K;
