@@ -206,6 +206,19 @@ def check_sass(dtypes=("fp16",)) -> int:
                   f"w{cfg.num_warps} s{cfg.num_stages}: {_family(c, 'UTMALDG')} UTMALDG, "
                   f"{_family(c, 'HGMMA')} HGMMA, {_family(c, 'LDGSTS')} LDGSTS, regs {res['n_regs']}, "
                   f"stack {res['stack']} B, shared {k.metadata.shared / 1024:.1f} KB, {ctas} CTAs/SM")
+        # Degenerate images (an integer argument equal to 1 is compiled in as a constant).
+        for shape in [(1, 64, 1, 9, 64, 3, 1), (2, 64, 7, 1, 64, 1, 1), (1, 64, 1, 1, 64, 1, 1)]:
+            for tma in (False, True):
+                cfg = ({"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 64, "BLOCK_C": 64} if tma
+                       else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64})
+                try:
+                    conv_kernel_for(shape, dtype, cfg, tma=tma)
+                    print(f"ok   {'conv_tma_kernel' if tma else 'conv_kernel'} {dname} compiles for "
+                          f"H={shape[2]}, W={shape[3]}")
+                except Exception as e:  # noqa: BLE001 - report it
+                    bad += 1
+                    print(f"BAD  {'conv_tma_kernel' if tma else 'conv_kernel'} {dname} H={shape[2]}, "
+                          f"W={shape[3]}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
     print(f"sass: {bad} problem(s)")
     return 1 if bad else 0
 

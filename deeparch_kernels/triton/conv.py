@@ -277,8 +277,10 @@ def conv_tma_kernel(
     syn = _multiple(syn, K_VEC)
     syh = _multiple(syh, K_VEC)
     syw = _multiple(syw, K_VEC)
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
-                                       strides=[H.to(tl.int64) * W * C, W.to(tl.int64) * C, C, 1],
+    # 64-bit strides. (An integer argument equal to 1 arrives as a Python int, so only products
+    # with C, never 1 here, are cast.)
+    x_row = (W * C).to(tl.int64)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C], strides=[x_row * H, x_row, C, 1],
                                        block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_C])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, KH * KW, C],
                                        strides=[C.to(tl.int64) * (KH * KW), C, 1],
