@@ -15,13 +15,14 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock
 
 from deeparch_kernels import models
+from deeparch_kernels._precision import no_tf32
 from deeparch_kernels.fuse import fuse
 from deeparch_kernels.models import FusedResNet
 from deeparch_kernels.nn import (ConvBNFolding, FoldCache, FusedAddReLU, FusedBasicBlock,
-                                 FusedConvReLU2d, FusedSequential)
+                                 FusedConvAddReLU2d, FusedConvReLU2d, FusedSequential, set_backend)
 from deeparch_kernels.nn import modules as nn_modules
 from deeparch_kernels.verify import MODEL_NAMES, randomize_batchnorm
-from helpers import rel_err
+from helpers import TOL as TOL_BY_DTYPE, rel_err
 
 TOL = 1e-4  # an fp32 fused model against the float64 torch model (a few dozen layers)
 TOL_SAME = 1e-5  # small fp32 modules against the same fp32 torch modules (folding rounds only)
@@ -216,24 +217,46 @@ def test_fold_cache_off_the_cpu_reads_no_values():
 
 
 @pytest.mark.gpu
-def test_fold_sees_adabn_and_compile_updates_on_cuda():
-    fused = _tiny_resnet(seed=4).cuda()
-    tv = _tv_twin(fused.cpu()).eval()
-    fused.cuda()
+def test_fold_sees_updates_on_cuda():
+    """Off the CPU the cache is keyed on version counters (num_batches_tracked's for AdaBN); a
+    captured CUDA graph folds inside the graph, so its replays see in-place updates as the
+    replays of torch's modules do."""
+    fused = _tiny_resnet(seed=4)
+    tv = _tv_twin(fused).eval()
+    fused = set_backend(fused, "auto").cuda()
     x = _x(2, 3, 32, 32, seed=4)
 
-    def check():
+    def check(out=None):
         with torch.no_grad():
-            assert rel_err(fused(x.cuda()).cpu(), copy.deepcopy(tv).double()(x.double())) <= TOL
+            got = fused(x.cuda()) if out is None else out
+            want = copy.deepcopy(tv).double()(x.double())
+        assert rel_err(got.cpu(), want) <= TOL
 
-    check()
-    for m, inp in ((tv, x), (fused, x.cuda())):
-        _adapt_bn(m, inp * 2 + 1)
-    check()
-    with torch.no_grad():
-        for m in (tv, fused):
-            m.layer1[0].conv1.weight.mul_(2)
-    check()
+    with no_tf32():
+        check()
+        _adapt_bn(tv, x * 2 + 1)
+        _adapt_bn(fused, (x * 2 + 1).cuda())
+        check()
+        with torch.no_grad():
+            for m in (tv, fused):
+                m.layer1[0].conv1.weight.mul_(2)
+        check()
+        static_x = x.cuda()
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fused(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = fused(static_x)
+            for m in (tv, fused):
+                m.layer2[0].bn1.running_var.mul_(4)
+                m.layer3[0].conv2.weight.mul_(-1)
+            graph.replay()
+            torch.cuda.synchronize()
+        check(static_y)
 
 
 # --------------------------------------------------------------------------- item 4: hooks
@@ -478,10 +501,11 @@ def test_from_conv_refuses_what_it_cant_keep():
 
 # --------------------------------------------------------------------------- item 7: fx, TorchScript
 
-def _n_fused_conv_nodes(gm):
-    return sum(n.op == "call_function" and n.target is nn_modules.fused_conv for n in gm.graph.nodes)
+def _n_fused_conv_nodes(graph):
+    return sum(n.op == "call_function" and n.target is nn_modules.fused_conv for n in graph.nodes)
 
 
+@pytest.mark.filterwarnings("ignore:The nodes obtained by tracing the model in train mode")
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_fx_symbolic_trace_every_fused_builder(name):
     """Every builder traces with torch.fx.symbolic_trace in eval mode (one fused_conv node per
@@ -491,15 +515,17 @@ def test_fx_symbolic_trace_every_fused_builder(name):
     with torch.device("meta"):
         m = getattr(models, name)(num_classes=10)
     n_convs = sum(isinstance(c, nn.Conv2d) for c in m.modules())
-    gm = torch.fx.symbolic_trace(m.eval())
-    assert _n_fused_conv_nodes(gm) == n_convs
-    gm = torch.fx.symbolic_trace(m.train())
-    expect = n_convs if name.startswith("vgg") and not name.endswith("_bn") else 0
-    assert _n_fused_conv_nodes(gm) == expect
+    expect_train = n_convs if name.startswith("vgg") and not name.endswith("_bn") else 0
+    assert _n_fused_conv_nodes(torch.fx.symbolic_trace(m.eval()).graph) == n_convs
+    assert _n_fused_conv_nodes(torch.fx.symbolic_trace(m.train()).graph) == expect_train
+    # torchvision's feature extraction traces both modes with its own tracer
+    fe = create_feature_extractor(m, ["layer4" if name.startswith("resnet") else "features"])
+    assert _n_fused_conv_nodes(fe.eval_graph) == n_convs
+    assert _n_fused_conv_nodes(fe.train_graph) == expect_train
 
 
 @pytest.mark.parametrize("source", ["builder:resnet18", "builder:vgg11_bn", "fuse:resnet18",
-                                    "fuse:vgg11", "fuse:resnext50_32x4d"])
+                                    "fuse:vgg11"])
 def test_fx_graph_of_fused_model_runs_as_the_model(source):
     how, name = source.split(":")
     tv = _tv(name)
@@ -516,6 +542,19 @@ def test_fx_graph_of_fused_model_runs_as_the_model(source):
         assert torch.equal(gm_train(x), want)
 
 
+def test_fx_traces_the_fused_modules():
+    """FusedConvReLU2d, FusedConvAddReLU2d and FusedAddReLU trace as one call each."""
+    x, r = _x(2, 4, 6, 6), _x(2, 4, 6, 6, seed=1)
+    for m, args in ((FusedConvReLU2d(4, 4, 3, padding=1), (x,)),
+                    (FusedConvAddReLU2d(4, 4, 3, padding=1), (x, r)),
+                    (FusedAddReLU(), (x, r))):
+        gm = torch.fx.symbolic_trace(m)
+        assert sum(n.op == "call_function" for n in gm.graph.nodes) == 1, type(m).__name__
+        with torch.no_grad():
+            assert torch.equal(gm(*args), m(*args))
+
+
+@pytest.mark.filterwarnings("ignore:The nodes obtained by tracing the model in train mode")
 def test_create_feature_extractor_on_fused_resnet50():
     """How detection and segmentation models take a backbone: torchvision's feature extractor on
     a fused ResNet-50 returns torchvision's features, in eval and in train mode."""
@@ -539,6 +578,7 @@ def test_create_feature_extractor_on_fused_resnet50():
         assert rel_err(got[k], want[k]) <= TOL, k
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 def test_torchscript_refused_with_pointer_to_compile():
     """torch.jit.script and torch.jit.trace (deprecated by PyTorch) are refused at once with a
     message naming torch.compile / torch.export."""
@@ -606,3 +646,30 @@ def test_fold_is_differentiable_when_traced():
     for g, p in zip(got, (conv.weight, conv.bias, bn.weight, bn.bias)):
         assert rel_err(g, p.grad) <= TOL_SAME
     assert issubclass(FusedSequential, ConvBNFolding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_fold_matches_torch_for_every_batchnorm_form(dtype, affine, bias):
+    """fold_conv_bn against torch's conv + eval BatchNorm in float64 on the same values: conv
+    with or without bias, BatchNorm with or without affine parameters, per-dtype tolerance; the
+    weight keeps its memory format."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, bias=bias).to(dtype)
+    bn = nn.BatchNorm2d(7, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.2, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.5)
+    bn = bn.to(dtype).eval()
+    conv = conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        w, b = nn_modules.fold_conv_bn(conv, bn)
+        x = _x(2, 5, 6, 7).double()
+        want = copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x))
+        got = nn.functional.conv2d(x, w.double(), b.double())
+    assert w.dtype == b.dtype == dtype and w.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= TOL_BY_DTYPE[dtype]

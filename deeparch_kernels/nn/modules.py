@@ -28,13 +28,15 @@ computed in fp32 and cast to the conv weight's dtype). It is always computed fro
 modules hold at the time of the call -- ``conv.weight`` read through the module, so
 parametrizations (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) apply:
 
-  torch.compile, torch.export, torch.fx   the fold is part of the traced graph, computed from the
-                        live parameters and buffers at every call, so compiled and exported code
-                        sees every update torch's modules would see (running statistics after
-                        AdaBN, ``.data`` edits, ``load_state_dict``); it is differentiable.
-                        It costs one weight-sized multiply per pair per call; torch's inductor
-                        freezing (``torch._inductor.config.freezing = True``) folds it into
-                        constants, with freezing's own contract (weights never change).
+  torch.compile, torch.export, torch.fx, CUDA graph capture
+                        the fold is part of the traced graph (or of the captured CUDA graph),
+                        computed from the live parameters and buffers at every call, so compiled,
+                        exported and replayed code sees every update torch's modules would see
+                        (running statistics after AdaBN, ``.data`` edits, ``load_state_dict``); it
+                        is differentiable. It costs one weight-sized multiply per pair per call;
+                        torch's inductor freezing (``torch._inductor.config.freezing = True``)
+                        folds it into constants, with freezing's own contract (weights never
+                        change).
   eager                 the K-sized scale and shift are computed live every call; the weight-sized
                         product ``conv.weight * scale`` is cached (FoldCache). On the CPU the
                         cache is valid while conv.weight is the same tensor object, storage and
@@ -395,12 +397,16 @@ def _needs_param_grads(conv: nn.Module, bn: nn.Module) -> bool:
     return any(p.requires_grad for m in (conv, bn) for p in m.parameters())
 
 
-def _tracing(x: object) -> bool:
-    """torch.compile, torch.export (strict or not) or torch.fx.symbolic_trace is tracing."""
+def _recorded(x: object) -> bool:
+    """The ops run now are recorded to run again later: torch.compile, torch.export (strict or
+    not) or torch.fx.symbolic_trace is tracing, or a CUDA graph is being captured (its replays
+    read the parameters and buffers where they are, as torch's modules' kernels do)."""
     if isinstance(x, torch.fx.Proxy):
         return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())
+    if torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()):
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()  # type: ignore[union-attr]
 
 
 Residual = Union[None, Tensor, Callable[[], Tensor]]
@@ -447,7 +453,7 @@ class ConvBNFolding(NoTorchScript):
         fuse_relu = relu is not None and not has_hooks(relu)
         y = None
         if _foldable(conv, bn):
-            if _tracing(x):
+            if _recorded(x):
                 w, b = fold_conv_bn(conv, bn)
             elif not _needs_param_grads(conv, bn):
                 w, b = self._fold_cache.get(key, conv, bn, conv.weight)
