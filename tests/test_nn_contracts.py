@@ -444,6 +444,7 @@ def _parametrized_net(kind, bn, seed=0):
     return randomize_batchnorm(net, torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.parametrize("bn", [False, True], ids=["conv_relu", "conv_bn_relu"])
 @pytest.mark.parametrize("kind", list(PARAMETRIZATIONS))
 def test_fuse_keeps_parametrized_convs(kind, bn):
@@ -479,6 +480,7 @@ def test_fuse_keeps_parametrized_convs(kind, bn):
             _update_parametrized(net[-1].conv1, kind)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_from_conv_refuses_what_it_cant_keep():
     conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="parametrized"):
@@ -595,11 +597,7 @@ def test_torchscript_refused_with_pointer_to_compile():
 
 # --------------------------------------------------------------------------- dynamic shapes
 
-def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
-    """The module-level code (folds, hooks checks, residual formats) traces under
-    torch.compile(dynamic=True, fullgraph=True) without recompiling across batch sizes, and
-    under torch.export with a dynamic batch dimension. The op wrappers' own dynamic-shape support
-    is tested with the ops; here the modules call the registered ops directly."""
+def _call_ops_directly(monkeypatch):
     def conv_op(x, w, b, *, stride, padding, residual, relu, backend):
         return torch.ops.deeparch.fused_conv2d.default(x, w, b, residual, list(stride),
                                                        list(padding), relu)
@@ -607,6 +605,14 @@ def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
     monkeypatch.setattr(nn_modules, "fused_conv2d", conv_op)
     monkeypatch.setattr(nn_modules, "add_relu",
                         lambda y, r, backend: torch.ops.deeparch.add_relu.default(y, r))
+
+
+def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
+    """The module-level code (folds, hooks checks, residual formats) traces under
+    torch.compile(dynamic=True, fullgraph=True) without recompiling across batch sizes, and
+    under torch.export with a dynamic batch dimension. The op wrappers' own dynamic-shape support
+    is tested with the ops; here the modules call the registered ops directly."""
+    _call_ops_directly(monkeypatch)
     fused = _tiny_resnet(seed=5)
     tv = _tv_twin(fused).eval()
     torch._dynamo.reset()
@@ -620,6 +626,27 @@ def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
         ep = torch.export.export(fused, (_x(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
     for n in (1, 4):
         _assert_matches_f64(ep.module(), tv, _x(n, 3, 32, 32, seed=n))
+
+
+@pytest.mark.slow
+def test_fused_model_trains_under_dynamic_compile_like_torchvision(monkeypatch):
+    """Training (torch's conv and BatchNorm, the fused add+ReLU) under torch.compile(dynamic=
+    True, fullgraph=True): compiled as often as torchvision's own model is (torch specialises
+    training BatchNorm on the batch size), same outputs. The ops are called directly, as above."""
+    _call_ops_directly(monkeypatch)
+    fused = _tiny_resnet(seed=5)
+    tv = _tv_twin(fused)
+    graphs, outs = {}, {}
+    for name, m in (("ours", fused.train()), ("torchvision", tv.train())):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(m, dynamic=True, fullgraph=True, backend="aot_eager")
+        # 64x64: BatchNorm normalises 12+ values per channel in layer4
+        outs[name] = [compiled(_x(n, 3, 64, 64, seed=n)) for n in (3, 4, 5)]
+        graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs["ours"] == graphs["torchvision"]
+    for a, b in zip(outs["ours"], outs["torchvision"]):
+        assert rel_err(a, b) <= TOL
 
 
 # --------------------------------------------------------------------------- item 9: clear errors
