@@ -50,9 +50,9 @@ parametrizations (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) a
                         call): ``.data`` edits of BatchNorm tensors are not seen there.
                         Not seen on any device: in-place edits of ``conv.weight.data`` (``.data``
                         has its own version counter and nothing else records the write; torch's
-                        inference freezing has the same limit). After such edits call ``.eval()``
-                        or ``refresh_folds()`` on the model, or edit under ``torch.no_grad()``
-                        instead of through ``.data``.
+                        inference freezing has the same limit). After such edits call
+                        ``model.eval()`` (every fused module drops its folds), or edit under
+                        ``torch.no_grad()`` instead of through ``.data``.
 
 The folded path is taken in eval mode (BatchNorm with running statistics) when no hook would be
 bypassed: a pair whose conv or BatchNorm has hooks (or while global module hooks are
