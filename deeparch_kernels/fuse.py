@@ -6,7 +6,9 @@ through ``named_children`` and replacements are ``setattr`` on the parent; what 
 is decided by a handler table keyed by the module's exact type (subclasses may have their own
 forward, so they are only walked into). Patterns:
 
-  nn.Sequential  Conv2d -> ReLU           FusedConvReLU2d + nn.Identity (torch.ao style)
+  nn.Sequential  Conv2d -> ReLU           FusedConvReLU2d + nn.Identity (torch.ao style: the
+                                          conv's forward pre-hooks and the ReLU's forward hooks
+                                          move onto the fused module)
                  Conv2d -> BatchNorm2d (-> ReLU)
                                           kept, and the Sequential becomes a FusedSequential,
                                           which runs the run as one fused convolution (BN folded)
@@ -19,6 +21,14 @@ training, so a fused model can switch between ``train()`` and ``eval()`` (and st
 torchvision's state_dict). Convolutions fused_conv2d can't run (groups != 1, dilation != 1,
 non-zero padding modes), and convolutions outside any pattern, are left as they are and named
 in the report with the reason.
+
+Hooks and parametrizations keep torch's semantics. A Conv2d -> ReLU whose conv has hooks that
+see its own output (forward or backward hooks), whose ReLU has hooks that see its input, or
+whose conv weight is parametrized (torch.nn.utils.parametrize) stays torch's Conv2d -> ReLU
+(reported). Conv2d -> BatchNorm2d pairs are fused whatever they carry: the weight is read through
+the module, so parametrizations apply; while the conv or BatchNorm has hooks -- including the
+pre-hooks of torch.nn.utils.weight_norm / spectral_norm / prune -- the pair runs as torch's
+modules, so they fire (reported when fuse() sees them).
 
     fused = fuse(model)                                   # a fused deep copy
     fused, report = fuse(model, return_report=True)       # and what was done, and why not
@@ -37,7 +47,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .nn.modules import (FusedAddReLU, FusedBasicBlock, FusedBottleneck,
                          FusedConvReLU2d, FusedSequential, _bn_run, _conv_bn_pair, _is_plain_conv,
-                         _is_relu, check_backend_name, unsupported_reason)
+                         _is_relu, check_backend_name, conv_relu_blocker, has_hooks,
+                         unsupported_reason)
 from .models.resnet import FusedResNet
 
 __all__ = ["FuseReport", "FusedItem", "SkippedItem", "fuse", "register_fuse_handler"]
@@ -157,11 +168,17 @@ def _fuse_sequential(seq: nn.Sequential, path: str, ctx: _Ctx) -> nn.Module:
             has_bn_run = True
             pattern = "Conv2d -> BatchNorm2d" + (" -> ReLU" if n == 3 else "")
             ctx.fused(p, pattern, "FusedSequential (BN folded in eval, as is in training)")
+            _report_hooks(ctx, path, names[i:i + n], mods[i:i + n])
             i += n
         elif i + 1 < len(mods) and _is_relu(mods[i + 1]):
-            setattr(seq, name, FusedConvReLU2d.from_conv(m, relu=True, backend=ctx.backend))
-            setattr(seq, names[i + 1], nn.Identity())
-            ctx.fused(p, "Conv2d -> ReLU", "FusedConvReLU2d + Identity")
+            why = conv_relu_blocker(m, mods[i + 1])
+            if why is not None:
+                ctx.skipped(p, m, why)
+            else:
+                setattr(seq, name, FusedConvReLU2d.from_conv(m, relu=True, backend=ctx.backend))
+                _move_forward_hooks(mods[i + 1], getattr(seq, name))
+                setattr(seq, names[i + 1], nn.Identity().train(mods[i + 1].training))
+                ctx.fused(p, "Conv2d -> ReLU", "FusedConvReLU2d + Identity")
             i += 2
         else:
             ctx.skipped(p, m, "no ReLU or BatchNorm2d after it in its nn.Sequential: nothing to fuse")
@@ -170,6 +187,25 @@ def _fuse_sequential(seq: nn.Sequential, path: str, ctx: _Ctx) -> nn.Module:
         seq.backend = ctx.backend
         return seq
     return FusedSequential.from_sequential(seq, ctx.backend) if has_bn_run else seq
+
+
+def _move_forward_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """``src``'s forward hooks onto ``dst`` (after dst's own), with their flags, as torch.ao's
+    fuse_modules moves the last module's hooks onto the fused module."""
+    for hook_id, hook in src._forward_hooks.items():
+        dst.register_forward_hook(hook, with_kwargs=hook_id in src._forward_hooks_with_kwargs,
+                                  always_call=hook_id in src._forward_hooks_always_called)
+    src._forward_hooks.clear()
+
+
+def _report_hooks(ctx: _Ctx, path: str, names, mods) -> None:
+    """Modules of a fused run that have hooks: the run goes unfused while they do."""
+    hooked = [n for n, m in zip(names, mods) if has_hooks(m)]
+    if hooked:
+        ctx.skipped(_join(path, names[0]), mods[0],
+                    f"{', '.join(_join(path, n) for n in hooked)} has hooks (forward pre-hooks "
+                    "include torch.nn.utils.weight_norm, spectral_norm and prune): while it does, "
+                    "the run goes as torch's modules so that they fire")
 
 
 @register_fuse_handler(BasicBlock, Bottleneck)
@@ -189,7 +225,12 @@ def _report_block_convs(block: nn.Module, path: str, ctx: _Ctx) -> None:
             if why is not None:
                 ctx.skipped(_join(path, name), conv,
                             f"{why}; runs as torch's conv + BatchNorm inside the fused block")
+            else:
+                _report_hooks(ctx, path, [name, "bn" + name[4:]],
+                              [conv, getattr(block, "bn" + name[4:])])
     ds = block.downsample
+    if _conv_bn_pair(ds) is not None:
+        _report_hooks(ctx, _join(path, "downsample"), ["0", "1"], list(ds))
     if ds is not None and _conv_bn_pair(ds) is None:
         # a custom shortcut (e.g. ResNet-D's AvgPool + conv + BN): fused by its own patterns
         new = _visit(ds, _join(path, "downsample"), ctx)
@@ -203,6 +244,7 @@ def _fuse_resnet(model: ResNet, path: str, ctx: _Ctx) -> nn.Module:
     why = unsupported_reason(model.conv1)
     if why is None:
         ctx.fused(_join(path, "conv1"), "stem Conv2d -> BatchNorm2d -> ReLU", "FusedResNet")
+        _report_hooks(ctx, path, ["conv1", "bn1"], [model.conv1, model.bn1])
     else:
         ctx.skipped(_join(path, "conv1"), model.conv1, why)
     _visit_children(fused, path, ctx, skip=("conv1", "bn1", "relu"))
@@ -231,9 +273,19 @@ def fuse(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     module is still the one to use: a top-level Sequential or block is replaced).
     ``return_report=True`` returns ``(fused_model, FuseReport)``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__} "
+                        f"{model!r:.80}")
     check_backend_name(backend)
     report = FuseReport(backend=backend, mode="train" if model.training else "eval")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"fuse(model) fuses a deep copy (inplace=False) and torch can't deep-copy this "
+                f"model ({e}). Pass inplace=True to fuse the model itself. (Models using the "
+                "hook-based torch.nn.utils.weight_norm, spectral_norm or prune can't be deep-"
+                "copied; their torch.nn.utils.parametrizations versions can.)") from e
     fused = _visit(model, "", _Ctx(backend, report))
     return (fused, report) if return_report else fused

@@ -152,12 +152,12 @@ def test_fused_sequential_eval_and_train(gen):
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = randn(2, 3, 10, 10, gen=gen)
     ours.eval(), ref.eval()
-    assert {n for n, b in ours.named_buffers() if n.startswith("_fold_")} == {
-        "_fold_0_weight", "_fold_0_bias", "_fold_7_weight", "_fold_7_bias"}  # not the groups=2 conv
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= TOL32
+    assert set(ours._fold_cache.keys()) == {"0", "7"}  # not the groups=2 conv
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in ref.named_buffers()]  # no fold buffers
     _train_step_compare(ours, ref, x)
-    assert not any(n.startswith("_fold_") for n, _ in ours.named_buffers())  # dropped in training
+    assert not set(ours._fold_cache.keys())  # dropped in training
     ours.eval(), ref.eval()  # the step changed the parameters and statistics: refolded
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= TOL32
@@ -260,7 +260,10 @@ def test_fold_is_torchs_and_stays_out_of_the_state_dict(gen):
     w, b = fold_conv_bn(ours.conv1, ours.bn1)
     conv = fuse_conv_bn_eval(ours.conv1, ours.bn1)
     assert rel_err(w, conv.weight) <= 1e-6 and rel_err(b, conv.bias) <= 1e-6
-    assert torch.equal(ours._fold_conv1_weight, w)
+    with torch.no_grad():
+        ours(randn(1, 16, 5, 5, gen=gen))
+        cw, cb = ours._fold_cache.get("conv1", ours.conv1, ours.bn1, ours.conv1.weight)
+    assert torch.equal(cw, w) and torch.equal(cb, b)
     assert list(ours.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(ours.state_dict())  # strict, both ways
     ours.load_state_dict(ref.state_dict())

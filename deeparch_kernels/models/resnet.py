@@ -40,11 +40,8 @@ class FusedResNet(ConvBNFolding, ResNet):
         fused._init_folding(backend)
         return fused
 
-    def _fold_pairs(self):
-        yield "stem", self.conv1, self.bn1
-
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self._conv_bn("stem", x, self.conv1, self.bn1, relu=True)
+        x = self._conv_bn("stem", x, self.conv1, self.bn1, relu=self.relu)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

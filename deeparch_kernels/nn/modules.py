@@ -4,7 +4,7 @@ modules they replace. They contain no kernels: every fused computation is one ca
 
   FusedConvReLU2d       an nn.Conv2d whose forward is ``relu?(conv(x) + bias + residual?)`` in one
                         op; ``from_conv(conv, bn=None)`` folds an eval-mode BatchNorm into it once
-                        (torch.nn.utils.fusion.fuse_conv_bn_eval), torch.ao-style
+                        (a frozen snapshot, as torch.ao's fuse_conv_bn_eval)
   FusedConvAddReLU2d    the same with the residual required: ``forward(x1, x2)``, like
                         torch.ao.nn.intrinsic.ConvAddReLU2d
   FusedSequential       an nn.Sequential that runs each Conv2d -> BatchNorm2d (-> ReLU) run of its
@@ -15,25 +15,61 @@ modules they replace. They contain no kernels: every fused computation is one ca
                         conv runs conv + bias + residual + ReLU as one fused_conv2d (the downsample
                         conv1x1+BN folded too); in training BN runs as in torchvision and the
                         residual add+ReLU is one add_relu
-  ConvBNFolding         the mixin behind the last three: BatchNorm folding in eval mode, cached
+  ConvBNFolding         the mixin behind the last three: BatchNorm folding in eval mode
+  FoldCache             the eager cache of folded weights: the one place that decides freshness
+  fold_conv_bn          the fold itself, from the live tensors (differentiable)
   set_backend           the per-model default: sets ``backend`` on every fused module of a model
 
-BatchNorm folding (eval mode only). The folded weight and bias are computed by
-``torch.nn.utils.fusion.fuse_conv_bn_weights`` (in fp32, cast back to the conv's dtype) and kept
-as non-persistent buffers ``_fold_<tag>_weight/_bias`` -- never in the state_dict, so
-torchvision's ``load_state_dict`` works both ways. They are computed on ``.eval()`` and after
-``load_state_dict``, and in eager mode recomputed whenever any input changes (each tensor's
-version counter, storage, dtype, device and strides are the cache key), so in-place updates,
-``.to()`` and assignments are always seen. Under torch.compile/export the buffers are used as
-they stand (the fold itself cannot be traced: fuse_conv_bn_weights creates Parameters); where
-there is none the unfused path runs. ``.train()`` drops them.
+BatchNorm folding (eval mode). An eval-mode BatchNorm after a convolution is a per-channel
+``y * scale + shift`` with ``scale = bn.weight / sqrt(running_var + eps)`` and ``shift =
+bn.bias + (conv.bias - running_mean) * scale``: the fold is the convolution with weight
+``conv.weight * scale`` and bias ``shift`` (torch.nn.utils.fusion.fuse_conv_bn_weights' formula,
+computed in fp32 and cast to the conv weight's dtype). It is always computed from what the
+modules hold at the time of the call -- ``conv.weight`` read through the module, so
+parametrizations (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) apply:
 
-The folded path is taken only when it gives what torchvision gives: BatchNorm in eval mode with
-running statistics, and no autograd graph needed for the convolution's or BatchNorm's parameters
-(under ``torch.no_grad()``/``torch.inference_mode()``, or with frozen parameters). Otherwise --
-training, or eval mode with parameter gradients -- the convolution and BatchNorm run as torch's
-modules and only the residual add + ReLU is fused, so gradients reach every parameter exactly as
-in torchvision.
+  torch.compile, torch.export, torch.fx, CUDA graph capture
+                        the fold is part of the traced graph (or of the captured CUDA graph),
+                        computed from the live parameters and buffers at every call, so compiled,
+                        exported and replayed code sees every update torch's modules would see
+                        (running statistics after AdaBN, ``.data`` edits, ``load_state_dict``); it
+                        is differentiable. It costs one weight-sized multiply per pair per call;
+                        torch's inductor freezing (``torch._inductor.config.freezing = True``)
+                        folds it into constants, with freezing's own contract (weights never
+                        change).
+  eager                 the K-sized scale and shift are computed live every call; the weight-sized
+                        product ``conv.weight * scale`` is cached (FoldCache). On the CPU the
+                        cache is valid while conv.weight is the same tensor object, storage and
+                        version and the live scale equals, by value, the one it was made with: so
+                        running-statistic updates in train mode (which bump no version counter),
+                        in-place and ``.data`` edits of BatchNorm's parameters and buffers, and
+                        in-place updates of conv.weight are all seen. On CUDA a value check would
+                        wait for the device at every layer (and break CUDA graph capture), so the
+                        cache is keyed on the version counters and storages of all seven tensors
+                        (num_batches_tracked's counter is bumped by every train-mode BatchNorm
+                        call): ``.data`` edits of BatchNorm tensors are not seen there.
+                        Not seen on any device: in-place edits of ``conv.weight.data`` (``.data``
+                        has its own version counter and nothing else records the write; torch's
+                        inference freezing has the same limit). After such edits call
+                        ``model.eval()`` (every fused module drops its folds), or edit under
+                        ``torch.no_grad()`` instead of through ``.data``.
+
+The folded path is taken in eval mode (BatchNorm with running statistics) when no hook would be
+bypassed: a pair whose conv or BatchNorm has hooks (or while global module hooks are
+registered, torch.nn.modules.module.register_module_forward_hook & co.) runs as torch's conv
+and BatchNorm modules, so its hooks fire as in torch -- including the forward pre-hooks of
+torch.nn.utils.weight_norm / spectral_norm / prune, which compute the weight. A ReLU module with
+hooks is called as itself after the fused convolution. In eager mode with autograd on and
+parameters that require gradients, the conv and BatchNorm run as torch's modules too (gradients
+reach every parameter exactly as in torchvision; the cached fold is not differentiable); the
+traced fold is. In training the convolution and BatchNorm always run as torch's modules and
+only the residual add + ReLU is fused.
+
+torch.fx: the fused modules trace with torch.fx.symbolic_trace (and torchvision's
+create_feature_extractor): each fused convolution is one call_function node (``fused_conv``),
+each fold a few tensor ops on get_attr nodes; the training flag is read at trace time, as for
+any module. TorchScript (torch.jit.script / torch.jit.trace, deprecated by PyTorch) is refused
+with an error pointing to torch.compile / torch.export.
 
 Backends: every module takes ``backend=`` ("auto" or one of deeparch_kernels.BACKENDS). An
 unknown name raises ValueError at construction; a known backend that can't run the inputs
@@ -47,26 +83,32 @@ them at construction (NotImplementedError).
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torch.nn.modules import module as _torch_module
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..backends import BACKENDS
 from ..ops import add_relu, fused_conv2d
 from ..ops.conv import output_memory_format
+from ._torchscript import NoTorchScript, refuse_jit_trace
 from .add_relu import FusedAddReLU
 
 __all__ = [
     "ConvBNFolding",
+    "FoldCache",
     "FusedAddReLU",
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConvAddReLU2d",
     "FusedConvReLU2d",
     "FusedSequential",
+    "bn_scale_shift",
     "fold_conv_bn",
     "get_backends",
     "set_backend",
@@ -98,6 +140,35 @@ def unsupported_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Calling ``m`` would run hooks: its own forward/backward (pre-)hooks or global module hooks
+    (the test nn.Module.__call__ makes before its hook-free fast path). Fusing would skip them."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                or m._backward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_forward_hooks or _torch_module._global_backward_pre_hooks
+                or _torch_module._global_backward_hooks)
+
+
+def conv_relu_blocker(conv: nn.Module, relu: Optional[nn.Module] = None) -> Optional[str]:
+    """Why ``conv`` followed by a ReLU (the ``relu`` module, when there is one) can't become one
+    FusedConvReLU2d with torch's semantics (None when it can). The conv's forward pre-hooks and
+    the ReLU's forward hooks move onto the fused module (as torch.ao's fuse_modules moves them);
+    hooks that see the convolution's own output can't be kept, nor can torch.nn.utils.parametrize
+    parametrizations (their state lives in a class made for the conv)."""
+    if parametrize.is_parametrized(conv):
+        names = ", ".join(conv.parametrizations.keys())
+        return (f"its {names} is parametrized (torch.nn.utils.parametrize), which can't be moved "
+                "onto a fused module; kept as torch's Conv2d -> ReLU")
+    if conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
+        return ("it has forward or backward hooks, which see the convolution's own output (before "
+                "the ReLU); kept as torch's Conv2d -> ReLU so that they do")
+    if relu is not None and (relu._forward_pre_hooks or relu._backward_hooks
+                             or relu._backward_pre_hooks):
+        return ("the ReLU after it has forward pre-hooks or backward hooks, which see the "
+                "convolution's output; kept as torch's Conv2d -> ReLU so that they do")
+    return None
+
+
 def _padding(conv: nn.Conv2d) -> Tuple[int, int]:
     p = conv.padding
     if p == "valid":
@@ -126,10 +197,11 @@ def _like(residual: Tensor, y: Tensor) -> Tensor:
     return residual
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-          padding: Tuple[int, int], residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+               padding: Tuple[int, int], residual: Optional[Tensor], relu: bool,
+               backend: str) -> Tensor:
     """One fused_conv2d call, with autocast applied the way autocast treats conv2d and the residual
-    put in the output's dtype and memory format."""
+    put in the output's dtype and memory format. One call_function node under torch.fx."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -143,12 +215,19 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[in
                         residual=residual, relu=relu, backend=backend)
 
 
-def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
-    """``relu?(y + residual?)`` after an unfused convolution: the add+ReLU is still one op."""
+def conv_epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    """``relu?(y + residual?)`` after an unfused convolution: the add+ReLU is still one op. One
+    call_function node under torch.fx."""
     if residual is not None:
         residual = _like(residual, y)
         return add_relu(y, residual, backend=backend) if relu else y + residual
     return torch.relu(y) if relu else y
+
+
+# torch.fx records these as calls (they look at dtypes, layouts and the autocast state, which a
+# trace proxy doesn't have); everything around them traces as usual.
+torch.fx.wrap("fused_conv")
+torch.fx.wrap("conv_epilogue")
 
 
 def _is_plain_conv(m: Optional[nn.Module]) -> bool:
@@ -164,39 +243,10 @@ def _is_relu(m: Optional[nn.Module]) -> bool:
     return isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-    """(weight, bias) of ``conv`` with eval-mode ``bn`` folded in, by
-    torch.nn.utils.fusion.fuse_conv_bn_weights computed in fp32 and cast to the conv weight's
-    dtype, in its memory format. Detached: no gradient flows to conv or bn."""
-    w = conv.weight
-
-    def f32(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.detach().float()
-
-    with torch.no_grad():
-        fw, fb = fuse_conv_bn_weights(f32(w), f32(conv.bias), f32(bn.running_mean),
-                                      f32(bn.running_var), bn.eps, f32(bn.weight), f32(bn.bias))
-    fmt = torch.channels_last if _is_channels_last(w) else torch.contiguous_format
-    return fw.detach().to(w.dtype).contiguous(memory_format=fmt), fb.detach().to(w.dtype)
-
-
-def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Optional[tuple]:
-    """What the fold of (conv, bn) depends on; None when it can't be told (inference tensors,
-    fake tensors): then nothing is cached."""
-    key: List[object] = [bn.eps]
-    try:
-        for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
-            key.append(None if t is None else
-                       (t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()))
-    except RuntimeError:
-        return None
-    return tuple(key)
-
-
 def _rebuild_as(cls: type, module: nn.Module) -> nn.Module:
     """A ``cls`` instance holding ``module``'s children, parameters, buffers, hooks and plain
     attributes (the same objects; fresh containers), without running ``cls.__init__``: how an
-    existing torchvision module becomes its fused subclass."""
+    existing torch/torchvision module becomes its fused subclass."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     internal = set(new.__dict__)
@@ -205,9 +255,244 @@ def _rebuild_as(cls: type, module: nn.Module) -> nn.Module:
     return new
 
 
+# --------------------------------------------------------------------------- BatchNorm folding
+
+def bn_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Eval-mode ``bn`` after a convolution with bias ``conv_bias``, as the per-channel
+    ``y * scale + shift`` (fp32, K elements each) of the tensors it holds now."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    mean = bn.running_mean.float()
+    centred = -mean if conv_bias is None else conv_bias.float() - mean
+    shift = centred * scale if bn.bias is None else torch.addcmul(bn.bias.float(), centred, scale)
+    return scale, shift
+
+
+def _scaled_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """``weight * scale`` per output channel, in fp32, back in the weight's dtype; elementwise, so
+    the weight's memory format is kept."""
+    return (weight.float() * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                 weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of the convolution that computes eval-mode ``bn(conv(x))``: the formula
+    of torch.nn.utils.fusion.fuse_conv_bn_weights, in fp32, cast to the conv weight's dtype, in
+    its memory format. Computed from the live tensors (``conv.weight`` read through the module,
+    so a parametrization applies; pass ``weight`` when it was just read) and differentiable:
+    gradients reach conv's and bn's parameters as through the unfused modules."""
+    w = conv.weight if weight is None else weight
+    scale, shift = bn_scale_shift(bn, conv.bias)
+    return _scaled_weight(w, scale), shift.to(w.dtype)
+
+
+def _tensor_state(t: Tensor) -> tuple:
+    return (t._version, t.data_ptr(), t.dtype, t.shape, t.stride())
+
+
+class _Stamp:
+    """A tensor as it was when something was derived from it: the same object, its storage
+    (held here, so no other tensor can be given its address), layout and version counter."""
+
+    __slots__ = ("tensor", "storage", "state")
+
+    def __init__(self, t: Tensor):
+        self.tensor = t
+        self.storage = t.untyped_storage()
+        self.state = _tensor_state(t)
+
+    def holds(self, t: Tensor) -> bool:
+        return t is self.tensor and _tensor_state(t) == self.state
+
+
+def _stamps_hold(stamps: Tuple[Optional[_Stamp], ...], tensors: Sequence[Optional[Tensor]]) -> bool:
+    return all((s is None and t is None) or (s is not None and t is not None and s.holds(t))
+               for s, t in zip(stamps, tensors))
+
+
+class _Fold:
+    """One cached fold: what it was made from, and what was derived (a later derived tensor of
+    the folded weight, e.g. a prepacked copy, belongs here so that it shares its freshness)."""
+
+    __slots__ = ("stamps", "scale", "weight", "bias")
+
+    def __init__(self, stamps, scale: Tensor, weight: Tensor, bias: Tensor):
+        self.stamps, self.scale, self.weight, self.bias = stamps, scale, weight, bias
+
+
+class FoldCache:
+    """The eager cache of folded (conv, BatchNorm) weights, keyed by a name per pair; ``get`` is
+    the one place that decides whether a fold is fresh (see the module docstring):
+
+      CPU    valid while ``conv.weight`` is the same tensor (object, storage, layout, version
+             counter) and the live K-sized BatchNorm scale equals the cached one by value; the
+             bias (shift) is always the live one
+      other  (CUDA...) valid while conv.weight, conv.bias and bn's weight, bias, running_mean,
+             running_var and num_batches_tracked are the same tensors with the same version
+             counters: no value is read, so nothing waits for the device
+
+    Never part of a state_dict, a deep copy or a pickle (they start empty); ``clear()`` drops
+    everything (``.train()``, ``.eval()``, ``.to()``, ``load_state_dict`` do). Tensors whose
+    version can't be read (inference tensors) are folded at every call.
+    """
+
+    def __init__(self) -> None:
+        self._folds: Dict[str, _Fold] = {}
+
+    def keys(self):
+        """The keys of the folds held now."""
+        return self._folds.keys()
+
+    def __reduce__(self):
+        return (FoldCache, ())  # copies and pickles start empty
+
+    def clear(self) -> None:
+        self._folds.clear()
+
+    def get(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+            weight: Tensor) -> Tuple[Tensor, Tensor]:
+        """The folded ``(weight, bias)`` for ``bn(conv(.))``, ``weight`` being conv.weight as just
+        read through the module. Not differentiable (the caller checks no gradient is needed)."""
+        fold = self._folds.get(key)
+        if weight.device.type == "cpu":
+            tensors: Tuple[Optional[Tensor], ...] = (weight,)
+            scale, shift = bn_scale_shift(bn, conv.bias)
+            if fold is None or not _stamps_hold(fold.stamps, tensors) \
+                    or not torch.equal(fold.scale, scale):
+                fold = self._refold(key, conv, bn, weight, tensors)
+            return fold.weight, shift.to(weight.dtype)
+        tensors = (weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   bn.num_batches_tracked)
+        if fold is None or not _stamps_hold(fold.stamps, tensors):
+            fold = self._refold(key, conv, bn, weight, tensors)
+        return fold.weight, fold.bias
+
+    def _refold(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor,
+                tensors: Tuple[Optional[Tensor], ...]) -> _Fold:
+        # Outside inference mode, so the cached tensors are usable outside it too.
+        with torch.inference_mode(False), torch.no_grad():
+            scale, shift = bn_scale_shift(bn, conv.bias)
+            fold = _Fold(None, scale, _scaled_weight(weight, scale), shift.to(weight.dtype))
+        try:
+            fold.stamps = tuple(None if t is None else _Stamp(t) for t in tensors)
+        except RuntimeError:  # no version counter (an inference tensor): can't tell, don't keep
+            self._folds.pop(key, None)
+            return fold
+        self._folds[key] = fold
+        return fold
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """bn(conv(x)) is a convolution fused_conv2d runs, with the BatchNorm folded, and neither
+    module has hooks that folding would skip."""
+    return (_is_bn(bn) and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None and unsupported_reason(conv) is None
+            and not has_hooks(conv) and not has_hooks(bn))
+
+
+def _needs_param_grads(conv: nn.Module, bn: nn.Module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for m in (conv, bn) for p in m.parameters())
+
+
+def _recorded(x: object) -> bool:
+    """The ops run now are recorded to run again later: torch.compile, torch.export (strict or
+    not) or torch.fx.symbolic_trace is tracing, or a CUDA graph is being captured (its replays
+    read the parameters and buffers where they are, as torch's modules' kernels do)."""
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()):
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()  # type: ignore[union-attr]
+
+
+Residual = Union[None, Tensor, Callable[[], Tensor]]
+
+
+class ConvBNFolding(NoTorchScript):
+    """Mixin for an nn.Module that runs (Conv2d, BatchNorm2d) pairs of its submodules fused.
+
+    A subclass calls ``_init_folding(backend)`` at the end of its construction and computes each
+    pair with ``self._conv_bn(key, x, conv, bn, residual=..., relu=...)``: one fused_conv2d over
+    the folded weights when that gives torch's result (see the module docstring), else torch's
+    conv and BatchNorm modules followed by add_relu/ReLU.
+    """
+
+    backend: str
+
+    def _init_folding(self, backend: str) -> None:
+        self.backend = check_backend_name(backend)
+        self._fold_cache = FoldCache()
+        if _refold_after_load not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_refold_after_load)
+
+    def train(self, mode: bool = True):
+        super().train(mode)  # type: ignore[misc]
+        self.refresh_folds()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        self.refresh_folds()
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+    def refresh_folds(self) -> None:
+        """Forget the cached folds: the next eval-mode call folds from the live tensors. Needed
+        only after in-place edits through ``conv.weight.data`` (see the module docstring);
+        ``.eval()`` and ``.train()`` do it."""
+        self._fold_cache.clear()
+
+    def _conv_bn(self, key: str, x: Tensor, conv: nn.Module, bn: nn.Module, *,
+                 residual: Residual = None, relu: Optional[nn.Module] = None) -> Tensor:
+        """``relu(bn(conv(x)) + residual)``. ``relu``: the ReLU module (None: no ReLU), called as
+        itself when it has hooks. ``residual`` may be a function giving it, called after conv and
+        bn when they run unfused, so that hooks fire in torchvision's order."""
+        refuse_jit_trace(self)
+        fuse_relu = relu is not None and not has_hooks(relu)
+        y = None
+        if _foldable(conv, bn):
+            if _recorded(x):
+                w, b = fold_conv_bn(conv, bn)
+            elif not _needs_param_grads(conv, bn):
+                w, b = self._fold_cache.get(key, conv, bn, conv.weight)
+            else:
+                w = b = None  # the cached fold isn't differentiable: run conv and bn as torch's
+            if w is not None:
+                r = residual() if callable(residual) else residual
+                y = fused_conv(x, w, b, conv.stride, _padding(conv), r, fuse_relu, self.backend)
+        if y is None:
+            y = bn(conv(x))
+            r = residual() if callable(residual) else residual
+            y = conv_epilogue(y, r, fuse_relu, self.backend)
+        return y if relu is None or fuse_relu else relu(y)
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        """A residual block's identity: x, or its downsample (conv1x1 + BN folded as one conv)."""
+        ds = self.downsample  # type: ignore[attr-defined]
+        if ds is None:
+            return x
+        pair = _conv_bn_pair(ds)
+        if pair is not None and not has_hooks(ds):
+            return self._conv_bn("downsample", x, pair[0], pair[1])
+        return ds(x)
+
+
+def _refold_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.refresh_folds()  # type: ignore[attr-defined]
+
+
+def _conv_bn_pair(ds: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """torchvision's downsample, ``Sequential(conv1x1, BatchNorm2d)``, as (conv, bn)."""
+    if type(ds) is nn.Sequential and len(ds) == 2 and _is_plain_conv(ds[0]) and _is_bn(ds[1]):
+        return ds[0], ds[1]
+    return None
+
+
 # --------------------------------------------------------------------------- conv (+ReLU) modules
 
-class FusedConvReLU2d(nn.Conv2d):
+class FusedConvReLU2d(NoTorchScript, nn.Conv2d):
     """``relu?(conv2d(x, weight) + bias + residual?)`` as one ``fused_conv2d`` call.
 
     A drop-in nn.Conv2d (same constructor, ``weight``/``bias`` parameters, state_dict) plus
@@ -232,15 +517,24 @@ class FusedConvReLU2d(nn.Conv2d):
                   backend: str = "auto") -> "FusedConvReLU2d":
         """The fused module computing ``relu?(bn?(conv(x)))``.
 
-        Without ``bn`` it shares conv's parameters (like torch.ao's fuse_modules). With ``bn``
-        (conv and bn in eval mode) the BatchNorm is folded, once, by
-        torch.nn.utils.fusion.fuse_conv_bn_eval into new parameters: a frozen inference module
-        (to keep BatchNorm for training, use FusedSequential or deeparch_kernels.fuse.fuse).
+        Without ``bn`` it is conv itself as the fused class, like torch.ao's fuse_modules: the
+        same parameters and buffers, its forward pre-hooks (so torch.nn.utils.weight_norm,
+        spectral_norm and prune keep computing the weight) and state_dict hooks. A conv whose
+        hooks see its own output, or whose weight is parametrized (torch.nn.utils.parametrize),
+        is refused (ValueError; conv_relu_blocker says why). With ``bn`` (conv and bn in eval
+        mode) the BatchNorm is folded once by torch.nn.utils.fusion.fuse_conv_bn_weights into
+        new parameters: a frozen inference module (to keep BatchNorm for training, use
+        FusedSequential or deeparch_kernels.fuse.fuse).
         """
         why = unsupported_reason(conv)
         if why is not None:
             raise NotImplementedError(f"{cls.__name__}.from_conv: {why}")
-        if bn is not None:
+        if bn is None:
+            why = conv_relu_blocker(conv) if relu or parametrize.is_parametrized(conv) else None
+            if why is not None:
+                raise ValueError(f"{cls.__name__}.from_conv: conv can't be fused: {why}")
+            fused = _rebuild_as(cls, conv)
+        else:
             if conv.training or bn.training:
                 raise ValueError(f"{cls.__name__}.from_conv folds BatchNorm in eval mode only: call "
                                  ".eval() on conv and bn first (to keep BatchNorm for training use "
@@ -248,17 +542,27 @@ class FusedConvReLU2d(nn.Conv2d):
             if bn.running_mean is None or bn.running_var is None:
                 raise ValueError(f"{cls.__name__}.from_conv: bn has no running statistics "
                                  "(track_running_stats=False), so there is nothing to fold")
-            conv = fuse_conv_bn_eval(conv, bn)
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                    conv.padding_mode, device="meta", relu=relu, backend=backend)
-        fused.weight = conv.weight
-        fused.bias = conv.bias
+            if conv._forward_pre_hooks:
+                raise ValueError(f"{cls.__name__}.from_conv: conv has forward pre-hooks (e.g. "
+                                 "torch.nn.utils.weight_norm, spectral_norm or prune, which "
+                                 "compute its weight when it is called), which a frozen fold "
+                                 "would skip: remove them first, use the torch.nn.utils."
+                                 "parametrizations versions, or keep conv and bn in a "
+                                 "FusedSequential (deeparch_kernels.fuse.fuse), which runs them")
+            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                        bn.eps, bn.weight, bn.bias)
+            fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                        conv.padding, conv.dilation, conv.groups, True, conv.padding_mode,
+                        device="meta", relu=relu, backend=backend)
+            fused.weight, fused.bias = w, b
+        fused.relu = relu
+        fused.backend = check_backend_name(backend)
         return fused.train(conv.training)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return _conv(x, self.weight, self.bias, self.stride, _padding(self), residual, self.relu,
-                     self.backend)
+        refuse_jit_trace(self)
+        return fused_conv(x, self.weight, self.bias, self.stride, _padding(self), residual,
+                          self.relu, self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
@@ -270,135 +574,6 @@ class FusedConvAddReLU2d(FusedConvReLU2d):
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(x1, x2)
-
-
-# --------------------------------------------------------------------------- BatchNorm folding
-
-class ConvBNFolding:
-    """Mixin for an nn.Module that runs (Conv2d, BatchNorm2d) pairs of its submodules fused.
-
-    A subclass lists its pairs in ``_fold_pairs()`` as (tag, conv, bn), calls
-    ``_init_folding(backend)`` at the end of its construction, and computes each pair with
-    ``self._conv_bn(tag, x, conv, bn, residual=..., relu=...)``: one fused_conv2d over the folded
-    weights when folding gives torchvision's result (see the module docstring), else torch's
-    conv and BatchNorm followed by add_relu/ReLU.
-    """
-
-    backend: str
-    training: bool
-
-    def _fold_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
-        raise NotImplementedError
-
-    def _init_folding(self, backend: str) -> None:
-        self.backend = check_backend_name(backend)
-        self._fold_keys: Dict[str, Optional[tuple]] = {}
-        for tag, _, _ in self._fold_pairs():
-            for suffix in ("weight", "bias"):
-                if f"_fold_{tag}_{suffix}" not in self._buffers:
-                    self.register_buffer(f"_fold_{tag}_{suffix}", None, persistent=False)
-        if _refold_after_load not in self._load_state_dict_post_hooks.values():
-            self.register_load_state_dict_post_hook(_refold_after_load)
-        if not self.training:
-            self.refresh_folds()
-
-    def train(self, mode: bool = True):
-        super().train(mode)  # type: ignore[misc]
-        if mode:
-            self.drop_folds()
-        else:
-            self.refresh_folds()
-        return self
-
-    def drop_folds(self) -> None:
-        """Forget the folded weights (training does not use them)."""
-        self._fold_keys = {}
-        for name in list(self._buffers):
-            if name.startswith("_fold_"):
-                self._buffers[name] = None
-
-    def refresh_folds(self) -> None:
-        """Fold every pair whose BatchNorm is in eval mode now (eager only)."""
-        for tag, conv, bn in self._fold_pairs():
-            if _is_bn(bn) and not bn.training and bn.running_mean is not None \
-                    and unsupported_reason(conv) is None:
-                self._store_fold(tag, conv, bn, _fold_key(conv, bn))
-
-    def _store_fold(self, tag: str, conv: nn.Module, bn: nn.Module, key: Optional[tuple]) -> None:
-        with torch.inference_mode(False):  # usable outside inference mode, too
-            w, b = fold_conv_bn(conv, bn)
-        names = (f"_fold_{tag}_weight", f"_fold_{tag}_bias")
-        for name, t in zip(names, (w, b)):
-            old = self._buffers.get(name)
-            if old is not None and old.shape == t.shape and old.dtype == t.dtype \
-                    and old.device == t.device and old.stride() == t.stride() and not old.is_inference():
-                with torch.no_grad():
-                    old.copy_(t)  # in place: a compiled graph reading this buffer sees the update
-            else:
-                self._buffers[name] = t
-                if name not in self._non_persistent_buffers_set:
-                    self._non_persistent_buffers_set.add(name)
-        self._fold_keys[tag] = key
-
-    def _folded(self, tag: str, conv: nn.Module, bn: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        w_name, b_name = f"_fold_{tag}_weight", f"_fold_{tag}_bias"
-        if _tracing():
-            return getattr(self, w_name, None), getattr(self, b_name, None)
-        key = _fold_key(conv, bn)
-        if key is None:
-            return fold_conv_bn(conv, bn)  # can't tell when it changes: fold every time
-        if self._fold_keys.get(tag) != key or self._buffers.get(w_name) is None:
-            self._store_fold(tag, conv, bn, key)
-        return self._buffers[w_name], self._buffers[b_name]
-
-    def _conv_bn(self, tag: str, x: Tensor, conv: nn.Module, bn: nn.Module, *,
-                 residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-        """``relu?(bn(conv(x)) + residual?)``."""
-        if _can_fold(conv, bn):
-            w, b = self._folded(tag, conv, bn)
-            if w is not None:
-                return _conv(x, w, b, conv.stride, _padding(conv), residual, relu, self.backend)
-        return _epilogue(bn(conv(x)), residual, relu, self.backend)
-
-    def _shortcut(self, x: Tensor) -> Tensor:
-        """A residual block's identity: x, or its downsample (conv1x1 + BN folded as one conv)."""
-        ds = self.downsample  # type: ignore[attr-defined]
-        if ds is None:
-            return x
-        pair = _conv_bn_pair(ds)
-        if pair is not None:
-            return self._conv_bn("downsample", x, pair[0], pair[1], relu=False)
-        return ds(x)
-
-
-def _tracing() -> bool:
-    """torch.compile or torch.export (strict or not) is tracing this forward."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())
-
-
-def _can_fold(conv: nn.Module, bn: nn.Module) -> bool:
-    if not (_is_bn(bn) and not bn.training and bn.running_mean is not None):
-        return False
-    if unsupported_reason(conv) is not None:
-        return False
-    if torch.is_grad_enabled():
-        for p in (conv.weight, conv.bias, bn.weight, bn.bias):
-            if p is not None and p.requires_grad:
-                return False  # the parameters need their gradients: run BN unfolded
-    return True
-
-
-def _refold_after_load(module: nn.Module, incompatible_keys) -> None:
-    if not module.training:
-        module.refresh_folds()  # type: ignore[attr-defined]
-
-
-def _conv_bn_pair(ds: Optional[nn.Module]) -> Optional[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """torchvision's downsample, ``Sequential(conv1x1, BatchNorm2d)``, as (conv, bn)."""
-    if type(ds) is nn.Sequential and len(ds) == 2 and _is_plain_conv(ds[0]) and _is_bn(ds[1]):
-        return ds[0], ds[1]
-    return None
 
 
 # --------------------------------------------------------------------------- containers and blocks
@@ -435,19 +610,14 @@ class FusedSequential(ConvBNFolding, nn.Sequential):
             out.backend = self.backend
         return out
 
-    def _fold_pairs(self):
-        mods = list(self._modules.values())
-        for i in range(len(mods)):
-            if _bn_run(mods, i):
-                yield str(i), mods[i], mods[i + 1]
-
     def forward(self, x):
         mods = list(self._modules.values())
         i = 0
         while i < len(mods):
             n = _bn_run(mods, i)
             if n:
-                x = self._conv_bn(str(i), x, mods[i], mods[i + 1], relu=n == 3)
+                x = self._conv_bn(str(i), x, mods[i], mods[i + 1],
+                                  relu=mods[i + 2] if n == 3 else None)
                 i += n
             else:
                 x = mods[i](x)
@@ -476,15 +646,6 @@ class _FusedBlock(ConvBNFolding):
         fused._init_folding(backend)
         return fused
 
-    _CONVS: Tuple[str, ...] = ()  # convN, each followed by bnN
-
-    def _fold_pairs(self):
-        for name in self._CONVS:
-            yield name, getattr(self, name), getattr(self, "bn" + name[4:])
-        pair = _conv_bn_pair(self.downsample)
-        if pair is not None:
-            yield ("downsample",) + pair
-
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
@@ -495,12 +656,10 @@ class FusedBasicBlock(_FusedBlock, BasicBlock):
     mode (and the downsample's conv1x1 + BN folded), and the residual add + ReLU one add_relu in
     training. Usable as ``torchvision.models.ResNet(FusedBasicBlock, ...)``."""
 
-    _CONVS = ("conv1", "conv2")
-
     def forward(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
-        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=True)
-        return self._conv_bn("conv2", out, self.conv2, self.bn2, residual=identity, relu=True)
+        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=self.relu)
+        return self._conv_bn("conv2", out, self.conv2, self.bn2, relu=self.relu,
+                             residual=lambda: self._shortcut(x))
 
 
 class FusedBottleneck(_FusedBlock, Bottleneck):
@@ -509,13 +668,11 @@ class FusedBottleneck(_FusedBlock, Bottleneck):
     residual + ReLU one fused_conv2d. A conv2 with groups or dilation (ResNeXt, dilated ResNets)
     runs as torch's conv + BN."""
 
-    _CONVS = ("conv1", "conv2", "conv3")
-
     def forward(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
-        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=True)
-        out = self._conv_bn("conv2", out, self.conv2, self.bn2, relu=True)
-        return self._conv_bn("conv3", out, self.conv3, self.bn3, residual=identity, relu=True)
+        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=self.relu)
+        out = self._conv_bn("conv2", out, self.conv2, self.bn2, relu=self.relu)
+        return self._conv_bn("conv3", out, self.conv3, self.bn3, relu=self.relu,
+                             residual=lambda: self._shortcut(x))
 
 
 # --------------------------------------------------------------------------- per-model backend
