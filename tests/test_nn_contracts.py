@@ -597,22 +597,10 @@ def test_torchscript_refused_with_pointer_to_compile():
 
 # --------------------------------------------------------------------------- dynamic shapes
 
-def _call_ops_directly(monkeypatch):
-    def conv_op(x, w, b, *, stride, padding, residual, relu, backend):
-        return torch.ops.deeparch.fused_conv2d.default(x, w, b, residual, list(stride),
-                                                       list(padding), relu)
-
-    monkeypatch.setattr(nn_modules, "fused_conv2d", conv_op)
-    monkeypatch.setattr(nn_modules, "add_relu",
-                        lambda y, r, backend: torch.ops.deeparch.add_relu.default(y, r))
-
-
-def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
+def test_fused_model_code_traces_with_dynamic_batch():
     """The module-level code (folds, hooks checks, residual formats) traces under
     torch.compile(dynamic=True, fullgraph=True) without recompiling across batch sizes, and
-    under torch.export with a dynamic batch dimension. The op wrappers' own dynamic-shape support
-    is tested with the ops; here the modules call the registered ops directly."""
-    _call_ops_directly(monkeypatch)
+    under torch.export with a dynamic batch dimension."""
     fused = _tiny_resnet(seed=5)
     tv = _tv_twin(fused).eval()
     torch._dynamo.reset()
@@ -629,11 +617,10 @@ def test_fused_model_code_traces_with_dynamic_batch(monkeypatch):
 
 
 @pytest.mark.slow
-def test_fused_model_trains_under_dynamic_compile_like_torchvision(monkeypatch):
+def test_fused_model_trains_under_dynamic_compile_like_torchvision():
     """Training (torch's conv and BatchNorm, the fused add+ReLU) under torch.compile(dynamic=
     True, fullgraph=True): compiled as often as torchvision's own model is (torch specialises
-    training BatchNorm on the batch size), same outputs. The ops are called directly, as above."""
-    _call_ops_directly(monkeypatch)
+    training BatchNorm on the batch size), same outputs."""
     fused = _tiny_resnet(seed=5)
     tv = _tv_twin(fused)
     graphs, outs = {}, {}

@@ -93,7 +93,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..backends import BACKENDS
+from .. import backends as _backends
 from ..ops import add_relu, fused_conv2d
 from ..ops.conv import output_memory_format
 from ._torchscript import NoTorchScript, refuse_jit_trace
@@ -118,11 +118,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- helpers
 
-def check_backend_name(backend: str) -> str:
-    """``backend`` if it is "auto" or a known backend name, else ValueError."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    return backend
+check_backend_name = _backends.check_name  # "auto" or a known (built-in or plugged-in) name
 
 
 def unsupported_reason(conv: nn.Module) -> Optional[str]:
@@ -200,16 +196,14 @@ def _like(residual: Tensor, y: Tensor) -> Tensor:
 def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                padding: Tuple[int, int], residual: Optional[Tensor], relu: bool,
                backend: str) -> Tensor:
-    """One fused_conv2d call, with autocast applied the way autocast treats conv2d and the residual
-    put in the output's dtype and memory format. One call_function node under torch.fx."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+    """One fused_conv2d call (which casts x, weight and bias under autocast as conv2d is cast),
+    with the residual put in the output's dtype, as a block's ``out += identity`` casts it, and
+    memory format. One call_function node under torch.fx."""
     if residual is not None:
-        if residual.dtype != x.dtype:
-            residual = residual.to(x.dtype)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
+        if residual.dtype != dt:
+            residual = residual.to(dt)
         residual = _to_format(residual, output_memory_format(x, weight))
     return fused_conv2d(x, weight, bias, stride=(stride[0], stride[1]), padding=padding,
                         residual=residual, relu=relu, backend=backend)
@@ -259,20 +253,23 @@ def _rebuild_as(cls: type, module: nn.Module) -> nn.Module:
 
 def bn_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Eval-mode ``bn`` after a convolution with bias ``conv_bias``, as the per-channel
-    ``y * scale + shift`` (fp32, K elements each) of the tensors it holds now."""
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    ``y * scale + shift`` (K elements each, of the tensors it holds now), in fp32 (fp64 for a
+    float64 BatchNorm)."""
+    wide = torch.promote_types(bn.running_var.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    mean = bn.running_mean.float()
-    centred = -mean if conv_bias is None else conv_bias.float() - mean
-    shift = centred * scale if bn.bias is None else torch.addcmul(bn.bias.float(), centred, scale)
+        scale = scale * bn.weight.to(wide)
+    mean = bn.running_mean.to(wide)
+    centred = -mean if conv_bias is None else conv_bias.to(wide) - mean
+    shift = centred * scale if bn.bias is None else torch.addcmul(bn.bias.to(wide), centred, scale)
     return scale, shift
 
 
 def _scaled_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """``weight * scale`` per output channel, in fp32, back in the weight's dtype; elementwise, so
-    the weight's memory format is kept."""
-    return (weight.float() * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)
+    """``weight * scale`` per output channel, in fp32 (or wider), back in the weight's dtype;
+    elementwise, so the weight's memory format is kept."""
+    wide = torch.promote_types(weight.dtype, scale.dtype)
+    return (weight.to(wide) * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d,
