@@ -113,11 +113,9 @@ def _choose(parser, value: str, allowed: Sequence[str], what: str) -> List[str]:
 
 def parse_config(argv: Optional[Sequence[str]] = None):
     """Parse arguments into a runner.Config (argparse exits with status 2 on bad values)."""
-    import torch
-
     from .backends import BACKENDS, available_backends
     from .bench.cases import parse_dtype, parse_shape_spec
-    from .bench.env import resolve_device
+    from .bench.env import device_from_arg
     from .bench.runner import Config
 
     parser = build_parser()
@@ -125,13 +123,9 @@ def parse_config(argv: Optional[Sequence[str]] = None):
     a = parser.parse_args(argv)
 
     try:
-        device = resolve_device(a.device)
-    except RuntimeError as e:
-        parser.error(f"bad --device {a.device!r}: {e}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {a.device!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
+        device = device_from_arg(a.device)
+    except ValueError as e:
+        parser.error(str(e))
     gpu = device.type == "cuda"
 
     ops: List[str] = []

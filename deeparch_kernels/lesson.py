@@ -530,6 +530,8 @@ def run(s: Settings, log: Callable[[str], None] = lambda m: None,
                           "nets": outs[0]["profiles"]},
         "seconds": time.perf_counter() - t_start,
         "cpu_seconds": time.process_time() - cpu_start + cpu_workers,
+        # the CPU time of each seed's work (its worker process, or its share of this one)
+        "cpu_seconds_per_seed": {str(o["seed"]): o["cpu_seconds"] for o in outs},
         "load_average": {"start": list(load_start) if load_start else None,
                          "end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
@@ -558,13 +560,20 @@ def _times(r: Optional[float]) -> str:
     return f"1/{1 / r:,.0f}" if r > 0 else "0x"
 
 
+def _ratio(r: Optional[float]) -> str:
+    """A ratio for a table: 2,416, 13.1, 0.642, 5.66e-06."""
+    if r is None:
+        return "n/a"
+    return f"{r:,.0f}" if r >= 100 else (f"{r:.3g}" if r >= 0.01 else f"{r:.2e}")
+
+
 def _direction(r: Optional[float]) -> str:
     if r is None:
         return "could not be measured (not finite)"
     if r > EXPLODE:
-        return "grows toward the input (explodes)"
+        return "grows toward the input, i.e. explodes"
     if r < VANISH:
-        return "shrinks toward the input (vanishes)"
+        return "shrinks toward the input, i.e. vanishes"
     return f"stays within {EXPLODE:.0f}x from top to input"
 
 
@@ -642,7 +651,7 @@ def conclusions(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     out.append(_claim(
         "seed-accuracy", "the seed's \"20 layers -> 95%, 56 layers -> 85% accuracy\" (plain nets, test)",
         (pl["final_test_error"] or 1.0) + GAP < (ph["final_test_error"] or 1.0),
-        f"here plain-{lo} reaches {_pct(acc(pl['final_test_error']))} test accuracy and plain-{hi} "
+        f"Here plain-{lo} reaches {_pct(acc(pl['final_test_error']))} test accuracy and plain-{hi} "
         f"{_pct(acc(ph['final_test_error']))} (resnet-{lo} {_pct(acc(rl['final_test_error']))}, resnet-{hi} "
         f"{_pct(acc(rh['final_test_error']))})."))
     return out + _gradient_claims(result)
@@ -664,7 +673,7 @@ def _gradient_claims(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         "vanishing-bn", f"\"the training signal vanishes\" before it reaches the early layers of {P} "
                         "(with BatchNorm, as trained)",
         None if sp is None else sp < VANISH,
-        f"at initialisation the error signal at {P}'s stem is {_times(sp)} the top's and the stem's weight "
+        f"At initialisation the error signal at {P}'s stem is {_times(sp)} the top's and the stem's weight "
         f"gradient {_times(wp)} the last conv's (medians over seeds): the gradient {_direction(sp)}; "
         f"{R}: {_times(sr)} and {_times(wr)}. After the first epoch {P}'s error signal at the stem is "
         f"{_times(sp1)} the top's (it {_direction(sp1)}) and its stem's weight gradient {_times(wp1)} the last "
@@ -690,7 +699,7 @@ def _gradient_claims(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     out.append(_claim(
         "vanishing-no-bn", f"without BatchNorm the error signal vanishes before it reaches the early layers of {P}",
         None if np_ is None else np_ < VANISH,
-        f"at initialisation the error signal at {P}'s stem is {_times(np_)} the top's: it {_direction(np_)}. "
+        f"At initialisation the error signal at {P}'s stem is {_times(np_)} the top's: it {_direction(np_)}. "
         f"Forward, its activations' RMS goes {act_range(profile(P))} from the stem to the last block, and "
         f"every conv's weight gradient is small (median {_fmt(median_norm(profile(P)), '.2g')}; stem/last "
         f"{_times(plain['grad_ratio_init']['no_bn'])})"
@@ -705,7 +714,7 @@ def _gradient_claims(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         "highway", f"the shortcuts carry the error signal back: it reaches {R}'s input far closer to its size "
                    f"at the top than in {P} (with BatchNorm, at initialisation)",
         closer,
-        f"stem/top error signal {_times(sr)} in {R} vs {_times(sp)} in {P}, which has the same parameters; "
+        f"Stem/top error signal {_times(sr)} in {R} vs {_times(sp)} in {P}, which has the same parameters; "
         f"{R}'s {'stays' if sr is not None and VANISH <= sr <= EXPLODE else 'does not stay'} within "
         f"{EXPLODE:.0f}x (after the first epoch: {_times(sr1)})."))
     return out
@@ -755,9 +764,9 @@ def render_markdown(result: Dict[str, Any], figure: Optional[str] = "lesson.png"
     for name, n in result["nets"].items():
         for norm, label in (("bn", "yes"), ("no_bn", "no")):
             diverged = norm == "no_bn" and any(p["no_bn_diverged_in_epoch1"] for p in n["per_seed"])
-            ep1 = lambda v: ("diverged" if diverged and v is None else _fmt(v, ".3g"))  # noqa: E731
-            lines.append(f"| {name} | {label} | {_fmt(n['grad_ratio_init'][norm], '.3g')} | "
-                         f"{ep1(n['grad_ratio_epoch1'][norm])} | {_fmt(n['signal_ratio_init'][norm], '.3g')} | "
+            ep1 = lambda v: ("diverged" if diverged and v is None else _ratio(v))  # noqa: E731
+            lines.append(f"| {name} | {label} | {_ratio(n['grad_ratio_init'][norm])} | "
+                         f"{ep1(n['grad_ratio_epoch1'][norm])} | {_ratio(n['signal_ratio_init'][norm])} | "
                          f"{ep1(n['signal_ratio_epoch1'][norm])} |")
     if figure:
         lines += ["", f"![degradation and gradient flow]({figure})"]
@@ -798,7 +807,7 @@ def draw(result: Dict[str, Any], path: Path) -> Tuple[Optional[Path], Optional[s
                 ep = n["curves"]["epoch"]
                 mean = [None if v is None else 100 * v for v in n["curves"][key]]
                 ax.plot(ep, [math.nan if v is None else v for v in mean], style, color=colour[d], lw=width,
-                        label=f"{net_name(d, plain)} {'training' if key == 'train_error' else 'test'}")
+                        label=net_name(d, plain) if key == "test_error" else None)
                 lo = [min((100 * c[key][i] for c in per if i < len(c[key]) and c[key][i] is not None), default=math.nan)
                       for i in range(len(ep))]
                 hi = [max((100 * c[key][i] for c in per if i < len(c[key]) and c[key][i] is not None), default=math.nan)
@@ -832,6 +841,10 @@ def draw(result: Dict[str, Any], path: Path) -> Tuple[Optional[Path], Optional[s
                     label = f"{net_name(hi_d, plain)}, {'at init' if when == 'init' else 'after epoch 1'}"
                     if all(math.isnan(v) for v in ys):
                         label += ": diverged, no values"
+                    elif when == "epoch1" and f.get("init") and all(
+                            a is not None and b is not None and a > 0 and b > 0 and abs(math.log(a / b)) < 0.1
+                            for a, b in zip(prof[key], f["init"][key])):
+                        label += " (on the init curve)"
                     ax.plot(range(len(ys)), ys, style, color="tab:red" if plain else "tab:blue", lw=1.6,
                             label=label)
             ax.set_yscale("log")
@@ -914,14 +927,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for lesson.json, lesson.md, lesson.png (default ./deeparch-results)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--replot", type=Path, metavar="LESSON_JSON",
-                   help="train nothing: rewrite lesson.md and lesson.png from a stored lesson.json into --out "
-                        "(default: beside it)")
+                   help="train nothing: rewrite lesson.md (conclusions recomputed from the stored numbers) "
+                        "and lesson.png from a stored lesson.json into --out (default: beside it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
 def parse_settings(argv: Sequence[str]) -> Tuple[Settings, argparse.Namespace]:
-    from .bench.env import resolve_device
+    from .bench.env import device_from_arg
     from .nn.modules import check_backend_name
 
     p = build_parser()
@@ -945,13 +958,9 @@ def parse_settings(argv: Sequence[str]) -> Tuple[Settings, argparse.Namespace]:
     except ValueError as e:
         p.error(f"--backend: {e}")
     try:
-        device = resolve_device(a.device)
-    except RuntimeError as e:
-        p.error(f"bad --device {a.device!r}: {e}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device {a.device!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here")
+        device = device_from_arg(a.device)
+    except ValueError as e:
+        p.error(str(e))
     if a.data_dir is not None and a.data != "cifar10":
         p.error("--data-dir is for --data cifar10")
     if a.jobs is not None and a.jobs > 1 and device.type != "cpu":
@@ -980,6 +989,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError) as e:
             print(f"deeparch-bench lesson: --replot {a.replot}: not a lesson.json ({e})", file=sys.stderr)
             return 2
+        result["conclusions"] = conclusions(result)  # a function of the stored numbers
         out = a.out if "--out" in argv else a.replot.parent
         out.mkdir(parents=True, exist_ok=True)
         png, why = draw(result, out / "lesson.png") if not a.no_plot else (None, "--no-plot")
