@@ -1,6 +1,6 @@
 """``deeparch-bench lesson`` (also ``python -m deeparch_kernels lesson``): the lesson this library
 grew from (VGG's 3x3 stacks, the degradation of deep plain nets, the shortcut that fixes it),
-reproduced with the library's own fused modules, in about a minute and a half on a 2-core CPU.
+reproduced with the library's own fused modules, in a minute or two on a 2-core CPU.
 
   1. The 3x3-stack table, computed from torch modules (not typed): for C=64, one 7x7 vs three
      3x3 and one 5x5 vs two 3x3 -- weights (``parameters()``), multiply-adds per output pixel
@@ -13,9 +13,9 @@ reproduced with the library's own fused modules, in about a minute and a half on
      batches), the training error (eval mode, the whole training set) and the test error.
   3. Gradient flow, with BatchNorm and without (``norm_layer=nn.Identity``), at initialisation
      and after the first epoch, on one fixed batch in training mode: each main-path conv's
-     weight-gradient norm, each block's backward-signal RMS (the gradient reaching its output)
-     and forward activation RMS; the stem/last-conv ratio says whether the gradient grows
-     (explodes) or shrinks (vanishes) toward the input.
+     weight-gradient norm, the error signal reaching the stem's and each block's output (the
+     RMS of dL/d output) and the forward activations' RMS there; the stem/top ratios say
+     whether the gradient grows (explodes) or shrinks (vanishes) toward the input.
   4. Conclusions computed from the numbers, each marked reproduced or not.
 
 Data: ``--data digits`` (default): scikit-learn's 1,797 real 8x8 handwritten digits, shipped
@@ -23,9 +23,12 @@ inside the package (``pip install 'deeparch-kernels[lesson]'``), split 80/20 str
 fixed seed. ``--data cifar10 --data-dir DIR``: CIFAR-10 as torchvision's loader reads it
 (DIR/cifar-10-batches-py, never downloaded here). No augmentation: degradation is a training-error
 effect. Default training (sized for the digits on a 2-core CPU): SGD momentum 0.9, weight decay
-1e-4, batch 64, lr 0.03 divided by 10 after 50% and 75% of 12 epochs, one CPU thread, seeds 0 and
-1. Each net is built right after ``torch.manual_seed(seed)`` and its batches come from a generator
-seeded with ``seed``, so a run is deterministic on the CPU (on a GPU cuDNN is set deterministic).
+1e-4, batch 64, lr 0.03 divided by 10 after 50% and 75% of 12 epochs, seeds 0 and 1; on a Linux
+CPU each seed runs in its own forked process of one thread (these nets are too small for threads
+to pay), up to the number of cores. Each net is built right after ``torch.manual_seed(seed)`` and
+its batches come from a generator seeded with ``seed``, so a run is deterministic on the CPU,
+however many processes (on a GPU cuDNN is set deterministic, but a few CUDA kernels, e.g. adaptive
+average pooling's backward, are not).
 
 Writes lesson.json, lesson.md and lesson.png (matplotlib permitting) under ``--out``; progress on
 stderr, the markdown on stdout. Exit status 0 when the run completed (whatever the conclusions),
@@ -57,8 +60,8 @@ STACKS = (("one 7x7", 7, 1), ("three 3x3", 3, 3), ("one 5x5", 5, 1), ("two 3x3",
 # Thresholds of the conclusions (fractions of the data set; ratios).
 GAP = 0.01        # one net "trains worse" than another: final training error higher by > 1 point
 TIE = 0.01        # "within 1 point"
-EXPLODE = 10.0    # stem/last weight-gradient ratio above this: the gradient grows toward the input
-VANISH = 0.1      # ... below this: it shrinks toward the input
+EXPLODE = 10.0    # a stem/top ratio above this: the gradient grows toward the input (explodes)
+VANISH = 0.1      # ... below this: it shrinks toward the input (vanishes)
 
 
 class LessonError(RuntimeError):
@@ -444,11 +447,15 @@ def _seed_in_worker(seed: int) -> Dict[str, Any]:
 
 
 def resolve_jobs(s: Settings) -> int:
-    """Seeds run at once: on a Linux CPU one forked process per seed up to the cores (each with
-    s.threads threads); one at a time on a GPU or elsewhere."""
+    """Seeds run at once: ``s.jobs`` when given, else on a Linux CPU one forked process per seed
+    up to the cores (each with s.threads threads); one at a time on a GPU or without fork."""
+    import multiprocessing
+
+    if torch.device(s.device).type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
     if s.jobs is not None:
         return max(1, min(s.jobs, len(s.seeds)))
-    if torch.device(s.device).type != "cpu" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(len(s.seeds), cores // max(1, s.threads or 1)))
@@ -469,8 +476,6 @@ def run(s: Settings, log: Callable[[str], None] = lambda m: None,
     data = _subset(data, s)
     device = torch.device(s.device)
     jobs = resolve_jobs(s)
-    if jobs > 1 and device.type != "cpu":
-        raise ValueError("jobs > 1 (forked worker processes) is for the CPU only")
 
     threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
