@@ -54,6 +54,7 @@ class CifarResNet(ConvBNFolding, nn.Module):
         self.inplanes = WIDTHS[0]
         self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
         self.bn1 = norm_layer(WIDTHS[0])
+        self.relu = nn.ReLU(inplace=True)  # the stem's, as torchvision's ResNet (fused in eval mode)
         self.layer1 = self._make_layer(WIDTHS[0], n, 1, norm_layer, backend)
         self.layer2 = self._make_layer(WIDTHS[1], n, 2, norm_layer, backend)
         self.layer3 = self._make_layer(WIDTHS[2], n, 2, norm_layer, backend)
@@ -97,11 +98,8 @@ class CifarResNet(ConvBNFolding, nn.Module):
     def depth(self) -> int:
         return 6 * len(self.layer1) + 2
 
-    def _fold_pairs(self):
-        yield "stem", self.conv1, self.bn1
-
     def forward(self, x: Tensor) -> Tensor:
-        x = self._conv_bn("stem", x, self.conv1, self.bn1, relu=True)
+        x = self._conv_bn("stem", x, self.conv1, self.bn1, relu=self.relu)
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)

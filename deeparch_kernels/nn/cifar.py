@@ -77,5 +77,5 @@ class FusedPlainBlock(FusedBasicBlock):
         return super().from_block(block, backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=True)
-        return self._conv_bn("conv2", out, self.conv2, self.bn2, relu=True)
+        out = self._conv_bn("conv1", x, self.conv1, self.bn1, relu=self.relu)
+        return self._conv_bn("conv2", out, self.conv2, self.bn2, relu=self.relu)
