@@ -13,7 +13,8 @@ With no arguments, on the device present (the GPU when CUDA is available, else t
 
 Exit status: 0 when everything verified and ran, 1 when a check failed or a backend raised,
 2 for bad arguments. ``deeparch-bench compare A.json B.json`` puts two result files side by side;
-``deeparch-bench plot R.json`` redraws a result's plots.
+``deeparch-bench plot R.json`` redraws a result's plots; ``deeparch-bench lesson`` reproduces the
+lesson behind the library (3x3 stacks, degradation, gradient flow; see lesson.py).
 
 Device defaults:
   GPU   verification in fp32, fp16, bf16; timing on the anchor table (fp16 channels_last, N=32,
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deeparch-bench",
         description="Verify every available deeparch-kernels backend against a float64 reference, "
                     "then time it against eager PyTorch and torch.compile (ops and whole models). "
-                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json', 'cache [--clear]'.",
+                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json', 'cache [--clear]', "
+                    "'lesson' (the lesson behind the library reproduced: see 'lesson --help').",
         epilog="Shapes: anchors, vgg, resnet, conv, add, cpu, tiny, conv:CxHxSTRIDE[xK[xKSIZE]], "
                "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).",
     )
@@ -111,11 +113,9 @@ def _choose(parser, value: str, allowed: Sequence[str], what: str) -> List[str]:
 
 def parse_config(argv: Optional[Sequence[str]] = None):
     """Parse arguments into a runner.Config (argparse exits with status 2 on bad values)."""
-    import torch
-
     from .backends import BACKENDS, available_backends
     from .bench.cases import parse_dtype, parse_shape_spec
-    from .bench.env import resolve_device
+    from .bench.env import device_from_arg
     from .bench.runner import Config
 
     parser = build_parser()
@@ -123,13 +123,9 @@ def parse_config(argv: Optional[Sequence[str]] = None):
     a = parser.parse_args(argv)
 
     try:
-        device = resolve_device(a.device)
-    except RuntimeError as e:
-        parser.error(f"bad --device {a.device!r}: {e}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {a.device!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
+        device = device_from_arg(a.device)
+    except ValueError as e:
+        parser.error(str(e))
     gpu = device.type == "cuda"
 
     ops: List[str] = []
@@ -308,6 +304,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _plot_main(argv[1:])
         if argv and argv[0] == "cache":
             return _cache_main(argv[1:])
+        if argv and argv[0] == "lesson":
+            from .lesson import main as lesson_main
+            return lesson_main(argv[1:])
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     try:

@@ -23,6 +23,19 @@ if [ -n "$missing" ]; then
   echo "setup: installing $missing" >&2
   "$PY" -m pip install -q $missing
 fi
+# Optional extras (pip install 'deeparch-kernels[lesson]'): the digits data set and the plots of
+# `deeparch-bench lesson` and the main job. Small wheels; without them those parts say so and the
+# tests that need them skip, so a failed install is not fatal.
+optional=$("$PY" - <<'PYEOF'
+import importlib.util as u
+print(" ".join(pkg for mod, pkg in {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}.items()
+               if u.find_spec(mod) is None))
+PYEOF
+)
+if [ -n "$optional" ]; then
+  echo "setup: installing $optional (optional)" >&2
+  "$PY" -m pip install -q $optional || echo "setup: could not install $optional; the lesson's data/plots are skipped" >&2
+fi
 
 # The CUTLASS headers for the sm_90a conv kernels (the 'cutlass' backend), pinned; headers only
 # (--no-deps: its Python dependencies would re-pin cuda-bindings under torch). Where nvcc is

@@ -30,6 +30,20 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return dev
 
 
+def device_from_arg(name: Optional[str]) -> torch.device:
+    """resolve_device for a command line's ``--device``: ValueError, with the message to show,
+    for a name torch can't parse, a device other than cpu/cuda, or cuda without CUDA."""
+    try:
+        dev = resolve_device(name)
+    except RuntimeError as e:
+        raise ValueError(f"bad --device {name!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
+    return dev
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
