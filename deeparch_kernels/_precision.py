@@ -31,12 +31,13 @@ def conv_allows_tf32() -> bool:
 
 
 def key(device_type: str) -> Tuple[object, ...]:
-    """The precision settings a convolution's result depends on, for caching per setting: on
-    CUDA whether fp32 convolutions may use TF32; on the CPU oneDNN's fp32 precision."""
+    """The settings a convolution's result and speed depend on, for caching per setting: on CUDA
+    whether fp32 convolutions may use TF32; on the CPU oneDNN's fp32 precision and the number
+    of threads (which changes which kernel is fastest)."""
     if device_type == "cuda":
         return ("tf32" if conv_allows_tf32() else "ieee",)
     mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "conv", None)
-    return (getattr(mkldnn, "fp32_precision", "none"),)
+    return (getattr(mkldnn, "fp32_precision", "none"), torch.get_num_threads())
 
 
 def _state() -> Optional[Tuple[str, ...]]:

@@ -35,7 +35,12 @@ void add_relu_inplace_cpu(const at::Tensor& x, const at::Tensor& identity) {
 
 }  // namespace
 
+// deeparch::relu: torch.relu as an op torch.compile can't see into, so that its CPU pattern
+// passes can't fuse it into oneDNN's convolution as a post-op (whose ReLU turns NaN into 0).
+at::Tensor relu_opaque_cpu(const at::Tensor& x) { return at::relu(x); }
+
 TORCH_LIBRARY_IMPL(deeparch, CPU, m) {
+  m.impl("relu", &relu_opaque_cpu);
   m.impl("add_relu", &add_relu_cpu);
   m.impl("add_relu_", &add_relu_inplace_cpu);
 }

@@ -95,7 +95,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .. import backends as _backends
 from ..ops import add_relu, fused_conv2d
-from ..ops.conv import output_memory_format
+from ..ops import bn_fold as _bn_fold
+from ..ops.conv import forget_prepacked, output_memory_format, prepack
 from ._torchscript import NoTorchScript, refuse_jit_trace
 from .add_relu import FusedAddReLU
 
@@ -254,15 +255,13 @@ def _rebuild_as(cls: type, module: nn.Module) -> nn.Module:
 def bn_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Eval-mode ``bn`` after a convolution with bias ``conv_bias``, as the per-channel
     ``y * scale + shift`` (K elements each, of the tensors it holds now), in fp32 (fp64 for a
-    float64 BatchNorm)."""
-    wide = torch.promote_types(bn.running_var.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(wide)
-    mean = bn.running_mean.to(wide)
-    centred = -mean if conv_bias is None else conv_bias.to(wide) - mean
-    shift = centred * scale if bn.bias is None else torch.addcmul(bn.bias.to(wide), centred, scale)
-    return scale, shift
+    float64 BatchNorm): deeparch_kernels/ops/bn_fold.py, in torch ops (differentiable)."""
+    return _bn_fold.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias, bn.eps)
+
+
+def _live_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """bn_scale_shift for the eager fold cache: one C++ call on the CPU (no gradient)."""
+    return _bn_fold.scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias, bn.eps)
 
 
 def _scaled_weight(weight: Tensor, scale: Tensor) -> Tensor:
@@ -354,7 +353,7 @@ class FoldCache:
         fold = self._folds.get(key)
         if weight.device.type == "cpu":
             tensors: Tuple[Optional[Tensor], ...] = (weight,)
-            scale, shift = bn_scale_shift(bn, conv.bias)
+            scale, shift = _live_scale_shift(bn, conv.bias)
             if fold is None or not _stamps_hold(fold.stamps, tensors) \
                     or not torch.equal(fold.scale, scale):
                 fold = self._refold(key, conv, bn, weight, tensors)
@@ -369,8 +368,10 @@ class FoldCache:
                 tensors: Tuple[Optional[Tensor], ...]) -> _Fold:
         # Outside inference mode, so the cached tensors are usable outside it too.
         with torch.inference_mode(False), torch.no_grad():
-            scale, shift = bn_scale_shift(bn, conv.bias)
+            scale, shift = _live_scale_shift(bn, conv.bias)
             fold = _Fold(None, scale, _scaled_weight(weight, scale), shift.to(weight.dtype))
+        if fold.weight.device.type == "cpu":
+            prepack(fold.weight)  # oneDNN's prepacked copies live and go with this fold
         try:
             fold.stamps = tuple(None if t is None else _Stamp(t) for t in tensors)
         except RuntimeError:  # no version counter (an inference tensor): can't tell, don't keep
@@ -556,8 +557,18 @@ class FusedConvReLU2d(NoTorchScript, nn.Conv2d):
         fused.backend = check_backend_name(backend)
         return fused.train(conv.training)
 
+    def train(self, mode: bool = True):
+        w = self._parameters.get("weight")
+        if w is not None:
+            forget_prepacked(w)  # a fresh start on the CPU's prepacked copies (see FoldCache)
+        return super().train(mode)
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         refuse_jit_trace(self)
+        w = self._parameters.get("weight")
+        if w is not None and not self.training and isinstance(x, Tensor) and x.device.type == "cpu" \
+                and not _recorded(x):
+            prepack(w)  # inference on the CPU: the cpu backend may keep it prepacked for oneDNN
         return fused_conv(x, self.weight, self.bias, self.stride, _padding(self), residual,
                           self.relu, self.backend)
 

@@ -31,11 +31,19 @@ OP_ = "add_relu_"
 
 lib.define("add_relu(Tensor x, Tensor identity) -> Tensor")
 lib.define("add_relu_(Tensor(a!) x, Tensor identity) -> ()")
+# torch.relu, opaque to torch.compile (csrc/cpu/add_relu.cpp): ops/conv.py's epilogue under
+# inductor's freezing, which would otherwise fuse a ReLU into oneDNN's convolution and lose NaN.
+lib.define("relu(Tensor x) -> Tensor")
 
 
 @torch.library.register_fake("deeparch::add_relu")
 def _add_relu_fake(x, identity):
     torch._check(x.shape == identity.shape, lambda: "add_relu: x and identity shapes differ")
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("deeparch::relu")
+def _relu_fake(x):
     return torch.empty_like(x)
 
 

@@ -32,12 +32,13 @@ explicit backend that can't run it raises BackendUnavailable.
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .. import _precision, backends
+from .. import _ext, _precision, backends
 from ..testing import mismatch, unit_roundoff
 from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, fx_proxy, int_pair, lib,
                    output_memory_format)
@@ -218,6 +219,95 @@ def _check(out, x, weight, bias, residual, stride, padding, relu):
     return mismatch(out, expected, bound)
 
 
+# --------------------------------------------------------------------------- cpu: prepacked weights
+
+class _Packed:
+    """oneDNN-prepacked copies of one weight, per input geometry, and the weight's state when
+    they were made (version counter, storage, layout): a write through the weight (an
+    optimizer step, ``load_state_dict``, ``w.mul_()``) makes them stale. Like every cache keyed on
+    torch's version counters, it can't see writes through ``w.data``."""
+
+    __slots__ = ("state", "by_geometry")
+    MAX_GEOMETRIES = 8
+
+    def __init__(self) -> None:
+        self.state: Optional[tuple] = None
+        self.by_geometry: dict = {}
+
+    def get(self, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> Optional[torch.Tensor]:
+        try:
+            state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+        except RuntimeError:  # an inference tensor: no version counter, nothing can be kept
+            return None
+        if state != self.state:
+            self.state, self.by_geometry = state, {}
+        key = (x.shape[0], x.shape[2], x.shape[3], stride[0], stride[1], padding[0], padding[1])
+        packed = self.by_geometry.get(key)
+        if packed is None:
+            if len(self.by_geometry) >= self.MAX_GEOMETRIES:
+                self.by_geometry.clear()
+            with torch.inference_mode(False), torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    weight, list(padding), list(stride), [1, 1], 1, list(x.shape))
+            self.by_geometry[key] = packed
+        return packed
+
+
+# id(weight) -> (a weak reference to it, its _Packed). Keyed by identity (a WeakKeyDictionary
+# would compare tensors with ==); the entry goes when the weight does.
+_PACKED: "dict[int, Tuple[weakref.ref, _Packed]]" = {}
+
+
+def prepack(weight: torch.Tensor) -> None:
+    """Let the ``cpu`` backend keep oneDNN-prepacked copies of ``weight`` (made on first use per
+    input geometry, dropped with the weight, remade after a write through it; see _Packed). For
+    weights the caller owns and reuses: the fused modules' folded and inference weights."""
+    k = id(weight)
+    e = _PACKED.get(k)
+    if e is None or e[0]() is not weight:
+        _PACKED[k] = (weakref.ref(weight, lambda _r, k=k: _PACKED.pop(k, None)), _Packed())
+
+
+def forget_prepacked(weight: torch.Tensor) -> None:
+    """Drop ``weight``'s prepacked copies (the fused modules do on ``.eval()``/``.train()``)."""
+    e = _PACKED.get(id(weight))
+    if e is not None and e[0]() is weight:
+        del _PACKED[id(weight)]
+
+
+def _prepacked(weight: torch.Tensor) -> Optional[_Packed]:
+    e = _PACKED.get(id(weight))
+    return e[1] if e is not None and e[0]() is weight else None
+
+
+def _cpu(x, weight, bias, residual, stride, padding, relu):
+    """The ``cpu`` backend: for a prepacked weight (``prepack``), channels_last output and no
+    gradient needed, oneDNN's convolution on the prepacked weight (1.05-1.6x F.conv2d on
+    ResNet's batch-1 layers here) with the bias and the residual add fused (exact), then torch's
+    NaN-keeping ReLU in place (oneDNN's fused ReLU turns NaN into 0); else the C++ op
+    (csrc/cpu/fused_conv2d.cpp)."""
+    if torch.compiler.is_compiling():  # traced code: the op (the prepacked cache is eager-only)
+        return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
+    entry = _prepacked(weight) if _PACKED else None
+    if entry is not None and x.dtype in (torch.float32, torch.bfloat16) and torch._C._get_mkldnn_enabled() \
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)
+                                                  or (residual is not None and residual.requires_grad))) \
+            and output_memory_format(x, weight) == torch.channels_last \
+            and not (x.dtype == torch.bfloat16 and stride[1] > 1
+                     and (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] == 0):
+        wp = entry.get(weight, x, stride, padding)
+        if wp is not None:
+            if residual is None:
+                y = torch.ops.mkldnn._convolution_pointwise(x, wp, bias, padding, stride, [1, 1], 1,
+                                                            "none", [], "")
+            else:
+                y = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, wp, bias, padding, stride, [1, 1], 1, "add", None, None, [], None)
+            return y.relu_() if relu else y
+    return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
+
+
 def _auto_impl(x, weight, bias, residual, stride, padding, relu):
     """deeparch::fused_conv2d_auto when it runs: the eager ``auto`` dispatch on real tensors."""
     return _dispatch(x, weight, bias, residual, stride, padding, relu, "auto", None)
@@ -229,7 +319,7 @@ torch.library.register_fake("deeparch::fused_conv2d_auto")(_fake)
 torch.library.register_autograd("deeparch::fused_conv2d_auto", _backward, setup_context=_setup_context)
 
 backends.define_op(OP, check=_check)
-backends.register(OP, "cpu", torch.ops.deeparch.fused_conv2d.default, _kernel_supports)
+backends.register(OP, "cpu", _cpu, _kernel_supports)
 backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _kernel_supports)
 backends.register(OP, "cutlass", torch.ops.deeparch.fused_conv2d_cutlass.default, _cutlass_supports)
 backends.register(OP, "aten", _aten)
@@ -304,11 +394,32 @@ def _key(x, weight, bias, residual, stride, padding, relu) -> tuple:
             bias is not None, residual is not None, relu, output_memory_format(x, weight))
 
 
+def _inductor_packs_cpu_convs(x, weight, bias, residual) -> bool:
+    """torch.compile is tracing CPU inference with inductor's freezing on (it then prepacks stock
+    convolutions for oneDNN, as our cpu backend does in eager) and the C++ epilogue ops exist."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _ext.cpu_reason():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return False
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(inductor_config.freezing) and torch.compiler.is_compiling()
+
+
 def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
     """The kernel path: validated arguments in the op's own form (4-D, one dtype, residual of
     the output's shape and dtype); the chosen implementation, remembered for ``fast``."""
     args = (x, weight, bias, residual, list(stride), list(padding), relu)
     if backend == "auto" and backends.is_tracing():
+        if _inductor_packs_cpu_convs(x, weight, bias, residual):
+            # torch.compile with freezing prepacks stock convolutions for oneDNN: give it one,
+            # with the epilogue in ops it can't fuse into oneDNN's NaN-swallowing ReLU.
+            y = conv2d(x, weight, bias, stride, padding)
+            if residual is not None:
+                return torch.ops.deeparch.add_relu(y, residual) if relu else y + residual
+            return torch.ops.deeparch.relu(y) if relu else y
         return torch.ops.deeparch.fused_conv2d_auto(*args)  # the choice is made when it runs
     fn = backends.impl(OP, backends.choose(OP, backend, x.device, _key(*args), args))
     backends.fast_store(fast, (fn, args[4], args[5]))

@@ -1,0 +1,109 @@
+"""The cpu backend's oneDNN-prepacked weights (issue 13): same results as torch, NaN kept, a
+write through the weight seen, the fused modules' folds prepacked and dropped with the fold;
+under torch.compile with inductor's freezing the epilogue stays NaN-exact."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import deeparch_kernels as dk
+from deeparch_kernels.ops import conv as conv_op
+
+from helpers import backends_for, randn
+
+pytestmark = pytest.mark.skipif("cpu" not in backends_for("cpu") or not torch.backends.mkldnn.is_available(),
+                                reason="needs the C++ extension and oneDNN")
+
+
+def _ref(x, w, b, r, stride, padding, relu):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    if r is not None:
+        y = y + r.double()
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_prepacked_conv_matches_float64(dtype, tol, residual, relu, gen):
+    cl = torch.channels_last
+    x = randn(2, 16, 11, 9, gen=gen, dtype=dtype).contiguous(memory_format=cl)
+    w = (randn(24, 16, 3, 3, gen=gen) / 12).to(dtype)
+    b = randn(24, gen=gen, dtype=dtype)
+    r = randn(2, 24, 6, 5, gen=gen, dtype=dtype).contiguous(memory_format=cl) if residual else None
+    x[0, 3, 4, 4] = float("nan")
+    conv_op.prepack(w)
+    with torch.no_grad():
+        out = conv_op._cpu(x, w, b, r, [2, 2], [1, 1], relu)
+    assert conv_op._prepacked(w).by_geometry, "the prepacked path was not taken"
+    want = _ref(x, w, b, r, 2, 1, relu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=cl)
+    assert torch.equal(out.isnan(), want.isnan()) and bool(want.isnan().any())
+    fin = want.isfinite()
+    err = (out.double() - want)[fin].abs().max() / want[fin].abs().max()
+    assert err < tol
+    assert conv_op._check(out, x, w, b, r, [2, 2], [1, 1], relu) is None
+
+
+def test_a_write_through_the_weight_repacks(gen):
+    cl = torch.channels_last
+    x = randn(1, 8, 7, 7, gen=gen).contiguous(memory_format=cl)
+    w = randn(8, 8, 3, 3, gen=gen)
+    conv_op.prepack(w)
+    with torch.no_grad():
+        conv_op._cpu(x, w, None, None, [1, 1], [1, 1], False)
+        w.mul_(2)  # an optimizer step, load_state_dict, ...: bumps the version counter
+        out = conv_op._cpu(x, w, None, None, [1, 1], [1, 1], False)
+    torch.testing.assert_close(out, F.conv2d(x, w, None, 1, 1))
+
+
+def test_prepacked_copies_go_with_the_weight(gen):
+    w = randn(4, 3, 3, 3, gen=gen)
+    conv_op.prepack(w)
+    n = len(conv_op._PACKED)
+    del w
+    assert len(conv_op._PACKED) == n - 1
+    w = randn(4, 3, 3, 3, gen=gen)
+    conv_op.prepack(w)
+    conv_op.forget_prepacked(w)
+    assert conv_op._prepacked(w) is None
+
+
+def test_gradients_and_nchw_take_the_plain_op(gen):
+    x = randn(1, 3, 6, 6, gen=gen)  # NCHW: the output is NCHW, not what oneDNN's packed op gives
+    w = randn(4, 3, 3, 3, gen=gen)
+    conv_op.prepack(w)
+    with torch.no_grad():
+        out = conv_op._cpu(x, w, None, None, [1, 1], [1, 1], True)
+    assert out.is_contiguous() and not conv_op._prepacked(w).by_geometry
+    wg = w.clone().requires_grad_()
+    conv_op.prepack(wg)
+    y = conv_op._cpu(x.contiguous(memory_format=torch.channels_last), wg, None, None, [1, 1], [1, 1], True)
+    y.sum().backward()
+    assert wg.grad is not None and not conv_op._prepacked(wg).by_geometry
+
+
+def test_fused_resnet_prepacks_its_folds_on_the_cpu(gen):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last)
+    fused = dk.fuse(tv).eval()
+    x = randn(1, 3, 64, 64, gen=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), tv(x), rtol=1e-4, atol=1e-4)
+    keys = list(fused.layer1[0]._fold_cache.keys())
+    assert keys and all(conv_op._prepacked(fused.layer1[0]._fold_cache._folds[k].weight) is not None for k in keys)
+
+
+def test_compile_with_freezing_keeps_nan(gen, monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    torch.manual_seed(0)
+    block = dk.nn.FusedBasicBlock(8, 8).eval().to(memory_format=torch.channels_last)
+    x = randn(1, 8, 6, 6, gen=gen).contiguous(memory_format=torch.channels_last)
+    x[0, 2, 3, 3] = float("nan")
+    with torch.no_grad():
+        want = block(x)
+        out = torch.compile(block)(x)
+    assert torch.equal(out.isnan(), want.isnan()) and bool(want.isnan().any())
+    torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
