@@ -326,10 +326,9 @@ backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
-# On the CPU both backends run oneDNN's convolution with an in-place epilogue; measured on the
-# VGG/ResNet batch-1 layers (benchmarks/results/2026-11-27-cpu.md) "aten" was 1.03x eager and
-# the C++ op 0.99x, so "auto" takes "aten" first there.
-backends.set_auto_order(OP, "cpu", ("aten", "cpu"))
+# On the CPU "cpu" runs oneDNN on prepacked weights for the fused modules (1.05-1.6x F.conv2d
+# on ResNet's batch-1 layers, ~1.0-1.2x at batch 8, measured here): first when nothing is timed.
+backends.set_auto_order(OP, "cpu", ("cpu", "aten"))
 
 
 # --------------------------------------------------------------------------- the public function
