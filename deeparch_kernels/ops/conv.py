@@ -31,6 +31,7 @@ explicit backend that can't run it raises BackendUnavailable.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from typing import List, Optional, Sequence, Tuple, Union
@@ -280,6 +281,15 @@ def _prepacked(weight: torch.Tensor) -> Optional[_Packed]:
     return e[1] if e is not None and e[0]() is weight else None
 
 
+@functools.lru_cache(maxsize=None)
+def _prepack_dtypes() -> Tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's prepacked convolution runs in on this CPU: float32 everywhere,
+    bfloat16 only where torch's oneDNN bf16 path is there (AVX512BW/VL/DQ or AVX-NE-CONVERT;
+    elsewhere ``_reorder_convolution_weight`` raises, and the C++ op runs bf16 instead)."""
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
 def _cpu(x, weight, bias, residual, stride, padding, relu):
     """The ``cpu`` backend: for a prepacked weight (``prepack``), channels_last output and no
     gradient needed, oneDNN's convolution on the prepacked weight (1.05-1.6x F.conv2d on
@@ -289,7 +299,7 @@ def _cpu(x, weight, bias, residual, stride, padding, relu):
     if torch.compiler.is_compiling():  # traced code: the op (the prepacked cache is eager-only)
         return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
     entry = _prepacked(weight) if _PACKED else None
-    if entry is not None and x.dtype in (torch.float32, torch.bfloat16) and torch._C._get_mkldnn_enabled() \
+    if entry is not None and x.dtype in _prepack_dtypes() and torch._C._get_mkldnn_enabled() \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)
                                                   or (residual is not None and residual.requires_grad))) \
