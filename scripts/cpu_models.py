@@ -9,11 +9,16 @@ interleaved (``deeparch_kernels.timing.Timer.many``, medians). Per provider: the
 against torchvision eager, and whether a NaN pixel in the input comes out where torch eager
 puts it. One JSON line per model and batch; the first line names the CPU's instruction set.
 Until the main job's model table has these columns, this is where the numbers come from.
+``auto``'s choices are made afresh in this run (an empty ``DEEPARCH_CACHE_DIR`` unless one is
+set): choices timed earlier under another load would be measured instead of this run's.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import tempfile
 import time
 
 import torch
@@ -23,6 +28,9 @@ from torch._inductor import config as inductor_config
 import deeparch_kernels as dk
 from deeparch_kernels.timing import Timer
 from deeparch_kernels.verify import randomize_batchnorm
+
+
+os.environ.setdefault("DEEPARCH_CACHE_DIR", tempfile.mkdtemp(prefix="deeparch-cpu-models-"))
 
 
 def main() -> None:
@@ -66,7 +74,8 @@ def main() -> None:
                 "model": name, "batch": b, "median_ms": {k: round(v, 2) for k, v in ms.items()},
                 "vs_compile_torchvision": {k: round(base / v, 3) for k, v in ms.items()} if base else None,
                 "compile_s": compile_s, "rel_err": {k: f"{v:.1e}" for k, v in err.items()},
-                "nan_where_eager": nan_kept, "errors": {k: repr(e) for k, e in errors.items()}}), flush=True)
+                "nan_where_eager": nan_kept, "errors": {k: repr(e) for k, e in errors.items()},
+                "auto_choices": collections.Counter(dk.backends.cached_choices().values())}), flush=True)
 
 
 if __name__ == "__main__":
