@@ -460,11 +460,11 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     try:
         fast = (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
                 dilation, groups)
-        hit = backends.fast_lookup(fast)
-        if torch.is_autocast_enabled(x.device.type):
-            fast, hit = None, None  # the casts depend on the autocast state: the full path
-    except (AttributeError, TypeError, RuntimeError):  # not dense tensors, unhashable arguments: checked below
-        fast, hit = None, None
+    except (AttributeError, RuntimeError):  # not (dense) tensors: checked below
+        fast = None
+    hit = backends.fast_lookup(fast)
+    if fast is not None and torch.is_autocast_enabled(x.device.type):
+        fast, hit = None, None  # the casts depend on the autocast state: the full path
     if hit is not None:  # these exact inputs were checked and dispatched before
         fn, s, p = hit
         return fn(x, weight, bias, residual, s, p, relu)
