@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from .. import backends as _backends
 from ..ops import add_relu, fused_conv2d
-from ..ops.conv import output_memory_format
+from ..ops.conv import kernel_refusal, output_memory_format
 
 __all__ = [
     "check_backend_name",
@@ -53,13 +53,14 @@ check_backend_name = _backends.check_name  # "auto" or a known (built-in or plug
 
 
 def unsupported_reason(conv: nn.Module) -> Optional[str]:
-    """Why fused_conv2d can't run this convolution module (None when it can)."""
+    """Why fused_conv2d's kernels can't run this convolution module (None when they can): the
+    op's rule (ops/conv.py kernel_refusal: groups, dilation) plus what the fused modules' call
+    can't express (padding modes, asymmetric 'same' padding)."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not an nn.Conv2d"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (fused_conv2d supports groups=1 only)"
-    if tuple(conv.dilation) != (1, 1):
-        return f"dilation={tuple(conv.dilation)} (fused_conv2d supports dilation=1 only)"
+    why = kernel_refusal(conv.groups, conv.dilation)
+    if why is not None:
+        return why
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (fused_conv2d pads with zeros only)"
     if conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):

@@ -398,6 +398,17 @@ def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) ->
         check(bias.shape == (K,), OP, lambda: f"bias must have shape ({K},), got {tuple(bias.shape)}")
 
 
+def kernel_refusal(groups: int, dilation: Sequence[int]) -> Optional[str]:
+    """Why our kernels (every backend but aten and reference) can't run a convolution with these
+    groups and dilation (None: they can); fused_conv2d then runs it on stock PyTorch, and the
+    fused modules leave it to torch (deeparch_kernels.nn.common.unsupported_reason)."""
+    if groups != 1:
+        return f"groups={groups} (our kernels run groups=1 only)"
+    if tuple(dilation) != (1, 1):
+        return f"dilation={tuple(dilation)} (our kernels run dilation=1 only)"
+    return None
+
+
 def _key(x, weight, bias, residual, stride, padding, relu) -> tuple:
     return (x.dtype, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding),
             bias is not None, residual is not None, relu, output_memory_format(x, weight))
@@ -501,11 +512,12 @@ def _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, ba
     out_shape = (x.shape[0], weight.shape[0],
                  (x.shape[2] + 2 * pad[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1,
                  (x.shape[3] + 2 * pad[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1)
-    stock = groups != 1 or dilation != (1, 1)
+    why_stock = kernel_refusal(groups, dilation)
+    stock = why_stock is not None
     if stock and backend not in ("auto", "aten", "reference"):
         raise backends.BackendUnavailable(
-            f"{OP}: backend {backend!r} can't run these inputs: groups={groups}, dilation={dilation} "
-            "(our kernels run groups=1, dilation=1; 'auto', 'aten' and 'reference' run them on stock PyTorch)")
+            f"{OP}: backend {backend!r} can't run these inputs: {why_stock}; 'auto', 'aten' and "
+            "'reference' run them on stock PyTorch")
     epilogue = None  # a residual the fused epilogue can't take: torch's add (+ReLU) after the conv
     if residual is not None:
         try:
