@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, _precision, backends
+from .._conv_args import check_conv_args
 from ..testing import mismatch, unit_roundoff
-from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, fx_proxy, int_pair, lib,
+from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, fx_proxy, int_pair, lib,
                    output_memory_format)
 from .add_relu import add_relu
 
@@ -360,42 +361,11 @@ def _padding(padding, weight, stride, dilation) -> Tuple[Tuple[int, int], Tuple[
 
 
 def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> None:
-    check(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), OP,
-          lambda: f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}",
-          TypeError)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check(isinstance(t, torch.Tensor), OP, lambda: f"{name} must be a tensor or None, got "
-                  f"{type(t).__name__}", TypeError)
-            check_dense(OP, t, name)
-    check(x.dim() == 4, OP, lambda: f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got {x.dim()}-D")
-    check(weight.dim() == 4, OP, lambda: f"weight must be 4-D (K, C/groups, kh, kw), got {weight.dim()}-D")
-    check(x.is_floating_point() or x.is_complex(), OP, lambda: f"x must be a floating-point tensor "
-          f"(as for conv2d), got {x.dtype}", TypeError)
-    check(groups >= 1 and x.shape[1] % groups == 0 and weight.shape[0] % groups == 0, OP,
-          lambda: f"groups={groups} must be >= 1 and divide x's {x.shape[1]} channels and weight's "
-                  f"{weight.shape[0]} output channels")
-    check(stride[0] >= 1 and stride[1] >= 1, OP, lambda: f"stride must be >= 1, got {stride}")
-    check(padding[0] >= 0 and padding[1] >= 0, OP, lambda: f"padding must be >= 0, got {padding}")
-    check(dilation[0] >= 1 and dilation[1] >= 1, OP, lambda: f"dilation must be >= 1, got {dilation}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check(t.device == x.device, OP, lambda: f"{name} must be on x's device {x.device}, got {t.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check(t.dtype == x.dtype, OP, lambda: f"{name} must have x's dtype {x.dtype}, got {t.dtype} "
-                  "(as for conv2d; under autocast both are cast)", TypeError)
-    check(weight.shape[1] * groups == x.shape[1], OP,
-          lambda: f"weight has {weight.shape[1]} input channels per group but x has {x.shape[1]} "
-                  f"channels (groups={groups}): weight must be (K, C/groups, kh, kw)")
-    H = x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1)
-    W = x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1)
-    check(H >= 1 and W >= 1, OP, lambda: f"the padded input ({x.shape[2] + 2 * padding[0]}x"
-          f"{x.shape[3] + 2 * padding[1]}) is smaller than the kernel ({weight.shape[2]}x{weight.shape[3]}, "
-          f"dilation {dilation})")
-    K = weight.shape[0]
-    if bias is not None:
-        check(bias.shape == (K,), OP, lambda: f"bias must have shape ({K},), got {tuple(bias.shape)}")
+    """The public function's arguments, normalised (pairs of ints, 4-D x): conv2d's floating
+    point inputs, then the rules every implementation shares (_conv_args.check_conv_args)."""
+    check(not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex(), OP,
+          lambda: f"x must be a floating-point tensor (as for conv2d), got {x.dtype}", TypeError)
+    check_conv_args(OP, x, weight, bias, residual, stride, padding, dilation, groups)
 
 
 def kernel_refusal(groups: int, dilation: Sequence[int]) -> Optional[str]:
