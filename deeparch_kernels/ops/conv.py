@@ -361,8 +361,10 @@ def _padding(padding, weight, stride, dilation) -> Tuple[Tuple[int, int], Tuple[
 
 
 def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> None:
-    """The public function's arguments, normalised (pairs of ints, 4-D x): conv2d's floating
-    point inputs, then the rules every implementation shares (_conv_args.check_conv_args)."""
+    """The public function's arguments, normalised (pairs of ints, unbatched x unsqueezed): its
+    own rules (x 3-D or 4-D, floating point as for conv2d), then the rules every implementation
+    shares (_conv_args.check_conv_args)."""
+    check(x.dim() == 4, OP, lambda: f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got {x.dim()}-D")
     check(not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex(), OP,
           lambda: f"x must be a floating-point tensor (as for conv2d), got {x.dtype}", TypeError)
     check_conv_args(OP, x, weight, bias, residual, stride, padding, dilation, groups)
