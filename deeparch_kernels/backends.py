@@ -608,7 +608,18 @@ choice_cache = ChoiceCache()
 # (op, backend, every argument's device/dtype/shape/strides, flags) -> what the op resolved for
 # them (the implementation chosen, and whatever else the op needs to call it). A hit means these
 # exact inputs were validated and dispatched before, so a repeat call costs one tuple and one dict
-# lookup on top of the kernel.
+# lookup on top of the kernel. Every op's public function does:
+#
+#     try:
+#         key = (OP, backend, tensor_sig(x), tensor_sig(identity), <other arguments>)
+#     except (AttributeError, RuntimeError):  # not (dense) tensors: the full path says so
+#         key = None
+#     fn = fast_lookup(key)
+#     if fn is None:
+#         <check the arguments>; fn = impl(OP, choose(OP, backend, ...)); fast_store(key, fn)
+#     return fn(x, identity)
+#
+# (the key is built in the op, inline: a helper call per op call costs more than the lookup.)
 _FAST: Dict[tuple, object] = {}
 _FAST_MAX = 8192
 
@@ -617,16 +628,25 @@ def tensor_sig(t: Optional[torch.Tensor]):
     return None if t is None else (t.device, t.dtype, t.shape, t.stride())
 
 
-def fast_lookup(key: tuple):
-    """What ``fast_store`` remembered for ``key`` (None: take the full path)."""
-    if torch.compiler.is_compiling():
-        return None  # traced code takes the full path (shapes may be symbolic)
-    return _FAST.get(key)
+def fast_lookup(key: Optional[tuple]):
+    """What ``fast_store`` remembered for ``key``; None (take the full path) also for no key, an
+    unhashable one (arguments the full path checks) and while tracing (traced code takes the full
+    path: shapes may be symbolic)."""
+    if key is None or torch.compiler.is_compiling():
+        return None
+    try:
+        return _FAST.get(key)
+    except TypeError:  # unhashable arguments
+        return None
 
 
 def fast_store(key: Optional[tuple], value) -> None:
-    """Remember ``value`` for the fast-path ``key`` (not while tracing; bounded)."""
+    """Remember ``value`` for the fast-path ``key`` (not for no key or an unhashable one, not
+    while tracing or capturing; bounded)."""
     if key is not None and not _busy_tracing():
         if len(_FAST) >= _FAST_MAX:
             _FAST.clear()
-        _FAST[key] = value
+        try:
+            _FAST[key] = value
+        except TypeError:  # unhashable arguments
+            pass

@@ -45,10 +45,13 @@ from typing import Callable, Dict, List, Tuple, Union
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .nn.modules import (FusedAddReLU, FusedBasicBlock, FusedBottleneck,
-                         FusedConvReLU2d, FusedSequential, _bn_run, _conv_bn_pair, _is_plain_conv,
-                         _is_relu, check_backend_name, conv_relu_blocker, has_hooks,
-                         unsupported_reason)
+from .nn.add_relu import FusedAddReLU
+from .nn.blocks import FusedBasicBlock, FusedBottleneck
+from .nn.common import (check_backend_name, conv_relu_blocker, has_hooks, is_plain_conv, is_relu,
+                        unsupported_reason)
+from .nn.conv import FusedConvReLU2d
+from .nn.folding import conv_bn_pair
+from .nn.sequential import FusedSequential, bn_run
 from .models.resnet import FusedResNet
 
 __all__ = ["FuseReport", "FusedItem", "SkippedItem", "fuse", "register_fuse_handler"]
@@ -153,14 +156,14 @@ def _fuse_sequential(seq: nn.Sequential, path: str, ctx: _Ctx) -> nn.Module:
     while i < len(mods):
         m, name = mods[i], names[i]
         p = _join(path, name)
-        if not _is_plain_conv(m):
+        if not is_plain_conv(m):
             new = _visit(m, p, ctx)
             if new is not m:
                 setattr(seq, name, new)
             i += 1
             continue
         why = unsupported_reason(m)
-        n = _bn_run(mods, i)
+        n = bn_run(mods, i)
         if why is not None:
             ctx.skipped(p, m, why)
             i += 1
@@ -170,7 +173,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, ctx: _Ctx) -> nn.Module:
             ctx.fused(p, pattern, "FusedSequential (BN folded in eval, as is in training)")
             _report_hooks(ctx, path, names[i:i + n], mods[i:i + n])
             i += n
-        elif i + 1 < len(mods) and _is_relu(mods[i + 1]):
+        elif i + 1 < len(mods) and is_relu(mods[i + 1]):
             why = conv_relu_blocker(m, mods[i + 1])
             if why is not None:
                 ctx.skipped(p, m, why)
@@ -229,9 +232,9 @@ def _report_block_convs(block: nn.Module, path: str, ctx: _Ctx) -> None:
                 _report_hooks(ctx, path, [name, "bn" + name[4:]],
                               [conv, getattr(block, "bn" + name[4:])])
     ds = block.downsample
-    if _conv_bn_pair(ds) is not None:
+    if conv_bn_pair(ds) is not None:
         _report_hooks(ctx, _join(path, "downsample"), ["0", "1"], list(ds))
-    if ds is not None and _conv_bn_pair(ds) is None:
+    if ds is not None and conv_bn_pair(ds) is None:
         # a custom shortcut (e.g. ResNet-D's AvgPool + conv + BN): fused by its own patterns
         new = _visit(ds, _join(path, "downsample"), ctx)
         if new is not ds:

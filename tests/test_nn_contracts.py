@@ -20,7 +20,7 @@ from deeparch_kernels.fuse import fuse
 from deeparch_kernels.models import FusedResNet
 from deeparch_kernels.nn import (ConvBNFolding, FoldCache, FusedAddReLU, FusedBasicBlock,
                                  FusedConvAddReLU2d, FusedConvReLU2d, FusedSequential, set_backend)
-from deeparch_kernels.nn import modules as nn_modules
+from deeparch_kernels.nn import common as nn_common, folding as nn_folding
 from deeparch_kernels.verify import MODEL_NAMES, randomize_batchnorm
 from helpers import TOL as TOL_BY_DTYPE, rel_err
 
@@ -504,7 +504,7 @@ def test_from_conv_refuses_what_it_cant_keep():
 # --------------------------------------------------------------------------- item 7: fx, TorchScript
 
 def _n_fused_conv_nodes(graph):
-    return sum(n.op == "call_function" and n.target is nn_modules.fused_conv for n in graph.nodes)
+    return sum(n.op == "call_function" and n.target is nn_common.fused_conv for n in graph.nodes)
 
 
 @pytest.mark.filterwarnings("ignore:The nodes obtained by tracing the model in train mode")
@@ -651,7 +651,7 @@ def test_fold_is_differentiable_when_traced():
     conv, bn = nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)
     randomize_batchnorm(bn, torch.Generator().manual_seed(0)).eval()
     x = _x(2, 3, 6, 6)
-    w, b = nn_modules.fold_conv_bn(conv, bn)
+    w, b = nn_folding.fold_conv_bn(conv, bn)
     nn.functional.conv2d(x, w, b).square().sum().backward()
     got = [p.grad.clone() for p in (conv.weight, conv.bias, bn.weight, bn.bias)]
     for p in (conv.weight, conv.bias, bn.weight, bn.bias):
@@ -681,7 +681,7 @@ def test_fold_matches_torch_for_every_batchnorm_form(dtype, affine, bias):
     bn = bn.to(dtype).eval()
     conv = conv.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        w, b = nn_modules.fold_conv_bn(conv, bn)
+        w, b = nn_folding.fold_conv_bn(conv, bn)
         x = _x(2, 5, 6, 7).double()
         want = copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x))
         got = nn.functional.conv2d(x, w.double(), b.double())

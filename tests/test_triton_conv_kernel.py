@@ -278,16 +278,16 @@ def _bad_cases():
         ("weight_dtype", dict(ok, weight=w.half()), TypeError, "weight must have x's dtype"),
         ("bias_dtype", dict(ok, bias=b.to(torch.bfloat16)), TypeError, "bias must have x's dtype"),
         ("residual_dtype", dict(ok, residual=r.half()), TypeError, "residual must have x's dtype"),
-        ("channels", dict(ok, weight=torch.randn(7, 4, 3, 3)), ValueError, "weight must be (K, C, kh, kw)"),
-        ("bias_shape", dict(ok, bias=torch.randn(6)), ValueError, "bias must have shape (K,) = (7,)"),
+        ("channels", dict(ok, weight=torch.randn(7, 4, 3, 3)), ValueError, "weight has 4 input channels per group but x has 5"),
+        ("bias_shape", dict(ok, bias=torch.randn(6)), ValueError, "bias must have shape (7,), got (6,)"),
         ("residual_shape", dict(ok, residual=torch.randn(2, 7, 7, 8)), ValueError,
-         "residual must have shape (N, K, Ho, Wo) = (2, 7, 7, 9), got (2, 7, 7, 8)"),
+         "residual must have the output's shape (2, 7, 7, 9), got (2, 7, 7, 8)"),
         ("stride_len", dict(ok, stride=(1,)), TypeError, "stride must be a sequence of 2 ints"),
         ("stride_zero", dict(ok, stride=(0, 1)), ValueError, "stride must be >= 1"),
         ("padding_neg", dict(ok, padding=(-1, 0)), ValueError, "padding must be >= 0"),
         ("padding_float", dict(ok, padding=(1.0, 1)), TypeError, "padding must be a sequence of 2 ints"),
         ("too_small", dict(ok, x=torch.randn(2, 5, 2, 9), padding=(0, 0), residual=None), ValueError,
-         "the padded input (2x9) is smaller than the weight's kernel (3x3)"),
+         "the padded input (2x9) is smaller than the kernel (3x3)"),
     ]
 
 

@@ -26,7 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.cifar import FusedPlainBlock, ShortcutA
-from ..nn.modules import ConvBNFolding, FusedBasicBlock, check_backend_name, set_backend
+from ..nn.blocks import FusedBasicBlock
+from ..nn.common import check_backend_name
+from ..nn.folding import ConvBNFolding
+from ..nn.sequential import set_backend
 
 __all__ = ["CifarResNet", "cifar_resnet", "plain20", "plain32", "plain44", "plain56", "plain110",
            "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]

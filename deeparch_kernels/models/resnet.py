@@ -14,8 +14,10 @@ from torchvision.models import (ResNet101_Weights, ResNet152_Weights, ResNet18_W
                                 ResNet34_Weights, ResNet50_Weights, WeightsEnum)
 from torchvision.models.resnet import ResNet
 
-from ..nn.modules import (ConvBNFolding, FusedBasicBlock, FusedBottleneck, _rebuild_as,
-                          set_backend)
+from ..nn.blocks import FusedBasicBlock, FusedBottleneck
+from ..nn.common import rebuild_as
+from ..nn.folding import ConvBNFolding
+from ..nn.sequential import set_backend
 from . import _weights
 
 __all__ = ["FusedResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -36,7 +38,7 @@ class FusedResNet(ConvBNFolding, ResNet):
     def from_resnet(cls, model: ResNet, backend: str = "auto") -> "FusedResNet":
         """The fused ResNet holding ``model``'s own submodules (its blocks are not converted
         here: deeparch_kernels.fuse.fuse does both)."""
-        fused = _rebuild_as(cls, model)
+        fused = rebuild_as(cls, model)
         fused._init_folding(backend)
         return fused
 

@@ -15,7 +15,8 @@ from torchvision.models import (VGG11_BN_Weights, VGG11_Weights, VGG13_BN_Weight
                                 WeightsEnum)
 from torchvision.models.vgg import VGG
 
-from ..nn.modules import FusedConvReLU2d, FusedSequential
+from ..nn.conv import FusedConvReLU2d
+from ..nn.sequential import FusedSequential
 from . import _weights
 
 __all__ = ["make_layers", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",

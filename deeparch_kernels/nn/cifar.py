@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import FusedBasicBlock
+from .blocks import FusedBasicBlock
+from .common import is_channels_last
 
 __all__ = ["FusedPlainBlock", "ShortcutA"]
 
@@ -44,7 +45,7 @@ class ShortcutA(nn.Module):
         torch._check(x.dim() == 4 and x.shape[1] == self.in_channels,
                      lambda: f"ShortcutA: expected an (N, {self.in_channels}, H, W) input, "
                              f"got shape {tuple(x.shape)}")
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         if self.stride != 1:
             x = x[:, :, ::self.stride, ::self.stride]
         extra = self.out_channels - self.in_channels

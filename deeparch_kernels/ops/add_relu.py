@@ -200,7 +200,7 @@ def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") 
         fast = (OP, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
     except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
         fast = None
-    fn = backends.fast_lookup(fast) if fast is not None else None
+    fn = backends.fast_lookup(fast)
     if fn is None:
         if backend == "auto" and backends.is_tracing():
             return torch.relu(x + identity)  # stock ops: the compiler fuses them with their neighbours
@@ -227,7 +227,7 @@ def add_relu_(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto")
         fast = (OP_, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
     except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
         fast = None
-    fn = backends.fast_lookup(fast) if fast is not None else None
+    fn = backends.fast_lookup(fast)
     if fn is None:
         if backend == "auto" and backends.is_tracing():
             return x.add_(identity).relu_()

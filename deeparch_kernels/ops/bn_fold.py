@@ -1,5 +1,5 @@
 """Eval-mode BatchNorm after a convolution as a per-channel ``y * scale + shift``: what the fused
-modules fold into a convolution's weight and bias (deeparch_kernels.nn.modules.FoldCache).
+modules fold into a convolution's weight and bias (deeparch_kernels.nn.folding.FoldCache).
 
   schema      deeparch::bn_scale_shift(Tensor running_mean, Tensor running_var, Tensor? weight,
                                        Tensor? bias, Tensor? conv_bias, float eps)

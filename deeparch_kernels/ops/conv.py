@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, _precision, backends
+from .._conv_args import check_conv_args
 from ..testing import mismatch, unit_roundoff
-from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, fx_proxy, int_pair, lib,
+from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, fx_proxy, int_pair, lib,
                    output_memory_format)
 from .add_relu import add_relu
 
@@ -360,42 +361,24 @@ def _padding(padding, weight, stride, dilation) -> Tuple[Tuple[int, int], Tuple[
 
 
 def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> None:
-    check(isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor), OP,
-          lambda: f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}",
-          TypeError)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check(isinstance(t, torch.Tensor), OP, lambda: f"{name} must be a tensor or None, got "
-                  f"{type(t).__name__}", TypeError)
-            check_dense(OP, t, name)
+    """The public function's arguments, normalised (pairs of ints, unbatched x unsqueezed): its
+    own rules (x 3-D or 4-D, floating point as for conv2d), then the rules every implementation
+    shares (_conv_args.check_conv_args)."""
     check(x.dim() == 4, OP, lambda: f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got {x.dim()}-D")
-    check(weight.dim() == 4, OP, lambda: f"weight must be 4-D (K, C/groups, kh, kw), got {weight.dim()}-D")
-    check(x.is_floating_point() or x.is_complex(), OP, lambda: f"x must be a floating-point tensor "
-          f"(as for conv2d), got {x.dtype}", TypeError)
-    check(groups >= 1 and x.shape[1] % groups == 0 and weight.shape[0] % groups == 0, OP,
-          lambda: f"groups={groups} must be >= 1 and divide x's {x.shape[1]} channels and weight's "
-                  f"{weight.shape[0]} output channels")
-    check(stride[0] >= 1 and stride[1] >= 1, OP, lambda: f"stride must be >= 1, got {stride}")
-    check(padding[0] >= 0 and padding[1] >= 0, OP, lambda: f"padding must be >= 0, got {padding}")
-    check(dilation[0] >= 1 and dilation[1] >= 1, OP, lambda: f"dilation must be >= 1, got {dilation}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            check(t.device == x.device, OP, lambda: f"{name} must be on x's device {x.device}, got {t.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check(t.dtype == x.dtype, OP, lambda: f"{name} must have x's dtype {x.dtype}, got {t.dtype} "
-                  "(as for conv2d; under autocast both are cast)", TypeError)
-    check(weight.shape[1] * groups == x.shape[1], OP,
-          lambda: f"weight has {weight.shape[1]} input channels per group but x has {x.shape[1]} "
-                  f"channels (groups={groups}): weight must be (K, C/groups, kh, kw)")
-    H = x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1)
-    W = x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1)
-    check(H >= 1 and W >= 1, OP, lambda: f"the padded input ({x.shape[2] + 2 * padding[0]}x"
-          f"{x.shape[3] + 2 * padding[1]}) is smaller than the kernel ({weight.shape[2]}x{weight.shape[3]}, "
-          f"dilation {dilation})")
-    K = weight.shape[0]
-    if bias is not None:
-        check(bias.shape == (K,), OP, lambda: f"bias must have shape ({K},), got {tuple(bias.shape)}")
+    check(not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex(), OP,
+          lambda: f"x must be a floating-point tensor (as for conv2d), got {x.dtype}", TypeError)
+    check_conv_args(OP, x, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def kernel_refusal(groups: int, dilation: Sequence[int]) -> Optional[str]:
+    """Why our kernels (every backend but aten and reference) can't run a convolution with these
+    groups and dilation (None: they can); fused_conv2d then runs it on stock PyTorch, and the
+    fused modules leave it to torch (deeparch_kernels.nn.common.unsupported_reason)."""
+    if groups != 1:
+        return f"groups={groups} (our kernels run groups=1 only)"
+    if tuple(dilation) != (1, 1):
+        return f"dilation={tuple(dilation)} (our kernels run dilation=1 only)"
+    return None
 
 
 def _key(x, weight, bias, residual, stride, padding, relu) -> tuple:
@@ -460,11 +443,11 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     try:
         fast = (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
                 dilation, groups)
-        hit = backends.fast_lookup(fast)
-        if torch.is_autocast_enabled(x.device.type):
-            fast, hit = None, None  # the casts depend on the autocast state: the full path
-    except (AttributeError, TypeError, RuntimeError):  # not dense tensors, unhashable arguments: checked below
-        fast, hit = None, None
+    except (AttributeError, RuntimeError):  # not (dense) tensors: checked below
+        fast = None
+    hit = backends.fast_lookup(fast)
+    if fast is not None and torch.is_autocast_enabled(x.device.type):
+        fast, hit = None, None  # the casts depend on the autocast state: the full path
     if hit is not None:  # these exact inputs were checked and dispatched before
         fn, s, p = hit
         return fn(x, weight, bias, residual, s, p, relu)
@@ -501,11 +484,12 @@ def _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, ba
     out_shape = (x.shape[0], weight.shape[0],
                  (x.shape[2] + 2 * pad[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1,
                  (x.shape[3] + 2 * pad[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1)
-    stock = groups != 1 or dilation != (1, 1)
+    why_stock = kernel_refusal(groups, dilation)
+    stock = why_stock is not None
     if stock and backend not in ("auto", "aten", "reference"):
         raise backends.BackendUnavailable(
-            f"{OP}: backend {backend!r} can't run these inputs: groups={groups}, dilation={dilation} "
-            "(our kernels run groups=1, dilation=1; 'auto', 'aten' and 'reference' run them on stock PyTorch)")
+            f"{OP}: backend {backend!r} can't run these inputs: {why_stock}; 'auto', 'aten' and "
+            "'reference' run them on stock PyTorch")
     epilogue = None  # a residual the fused epilogue can't take: torch's add (+ReLU) after the conv
     if residual is not None:
         try:

@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._conv_args import check_conv_args, expected_residual
 from .._precision import conv_allows_tf32
 from ._common import cast_out, exact_bf16, interpreting, wrap_triton
 
@@ -558,47 +559,17 @@ def _pair(v, name: str) -> tuple:
 
 
 def _check(x, weight, bias, residual, stride, padding):
-    """Validates the arguments; returns (sh, sw), (ph, pw) and the output shape."""
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{_OP}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"{_OP}: weight must be 4-D (K, C, kh, kw), got shape {tuple(weight.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{_OP}: x is on {x.device}; the Triton kernel needs a CUDA tensor "
-                         "(or TRITON_INTERPRET=1 for CPU tensors)")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} must be on x's device {x.device}, got {t.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{_OP}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    """Validates the arguments (the kernel's dtypes and device, then fused_conv2d's shared rules,
+    _conv_args.py); returns (sh, sw), (ph, pw) and the output shape."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.device.type != "cuda" and not interpreting():
+            raise ValueError(f"{_OP}: x is on {x.device}; the Triton kernel needs a CUDA tensor "
+                             "(or TRITON_INTERPRET=1 for CPU tensors)")
     (sh, sw), (ph, pw) = _pair(stride, "stride"), _pair(padding, "padding")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"{_OP}: stride must be >= 1, got ({sh}, {sw})")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"{_OP}: padding must be >= 0, got ({ph}, {pw})")
-    N, C, H, W = x.shape
-    K, Cw, kh, kw = weight.shape
-    if Cw != C:
-        raise ValueError(f"{_OP}: weight must be (K, C, kh, kw) with C = x's {C} channels, got "
-                         f"shape {tuple(weight.shape)} (groups != 1 is not supported)")
-    if H + 2 * ph < kh or W + 2 * pw < kw:
-        raise ValueError(f"{_OP}: the padded input ({H + 2 * ph}x{W + 2 * pw}) is smaller than "
-                         f"the weight's kernel ({kh}x{kw})")
-    out_shape = (N, K, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
-    if bias is not None and tuple(bias.shape) != (K,):
-        raise ValueError(f"{_OP}: bias must have shape (K,) = ({K},), got {tuple(bias.shape)}")
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"{_OP}: residual must have shape (N, K, Ho, Wo) = {out_shape}, got "
-                         f"{tuple(residual.shape)}")
+    out_shape = check_conv_args(_OP, x, weight, bias, residual, (sh, sw), (ph, pw))
+    expected_residual(_OP, residual, x, out_shape)
     return (sh, sw), (ph, pw), out_shape
 
 
