@@ -940,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: Sequence[str]) -> Tuple[Settings, argparse.Namespace]:
     from .bench.env import device_from_arg
-    from .nn.modules import check_backend_name
+    from .nn.common import check_backend_name
 
     p = build_parser()
     a = p.parse_args(list(argv))
