@@ -5,17 +5,17 @@ import pytest
 
 from deeparch_kernels.bench import suite
 from deeparch_kernels.bench.cases import dtype_name
-from deeparch_kernels.bench.opbench import conv_inputs, conv_providers
+from deeparch_kernels.bench.specs import conv_inputs, conv_providers
 
 OURS = suite.our_backends()
 CASES = suite.conv_cases()
-NAMES = [p.name for p in conv_providers(CASES[0], OURS, suite.COMPILE)] if CASES else []
+NAMES = [p.name for p in conv_providers(CASES[0], OURS, compile_=suite.COMPILE)] if CASES else []
 
 
 @pytest.mark.parametrize("provider", NAMES)
 @pytest.mark.parametrize("case", CASES, ids=suite.conv_case_id)
 def test_conv(benchmark, case, provider):
-    prov = {p.name: p for p in conv_providers(case, OURS, suite.COMPILE)}[provider]
+    prov = {p.name: p for p in conv_providers(case, OURS, compile_=suite.COMPILE)}[provider]
     sets = conv_inputs(case, suite.DEVICE, suite.n_sets(case))
     fn = suite.compiled(prov.fn, sets[0]) if prov.compiled else prov.fn
     suite.bench_call(benchmark, suite.rotating(fn, sets),

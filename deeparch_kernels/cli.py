@@ -32,33 +32,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-OP_ALIASES = {"add_relu": ["add_relu"], "add_relu_": ["add_relu_"], "fused_conv2d": ["fused_conv2d"],
-              "conv": ["fused_conv2d"], "add": ["add_relu", "add_relu_"],
-              "all": ["add_relu", "add_relu_", "fused_conv2d"], "none": []}
-MODEL_CHOICES = ("vgg16", "resnet18", "resnet50")
+from .bench.specs import OPS, SPECS
+from .testing import BENCH_MODELS
+
+# --ops: each op, a family ("add": add_relu and add_relu_; "conv"), "all", "none"
+OP_ALIASES = {**{op: [op] for op in OPS}, "conv": list(SPECS["fused_conv2d"].ops),
+              "add": list(SPECS["add_relu"].ops), "all": list(OPS), "none": []}
 
 
 def _split(value: str) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the usage error exit (2) and a message naming the bad value."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = argparse.ArgumentParser(
         prog="deeparch-bench",
         description="Verify every available deeparch-kernels backend against a float64 reference, "
-                    "then time it against eager PyTorch and torch.compile (ops and whole models). "
-                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json', 'cache [--clear]', "
-                    "'lesson' (the lesson behind the library reproduced: see 'lesson --help').",
+                    "then time it against eager PyTorch and torch.compile (ops and whole models).",
         epilog="Shapes: anchors, vgg, resnet, conv, add, cpu, tiny, conv:CxHxSTRIDE[xK[xKSIZE]], "
                "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).",
     )
@@ -99,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "60 --quick; 0: none)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
+    c = sub.add_parser("compare", help="two result files side by side",
+                       description="Two result files side by side: same cases, ratio B/A of median "
+                                   "times (< 1: B is faster).")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.add_argument("--markdown", action="store_true", help="markdown tables")
+    c.set_defaults(main=_compare, parser=c)
+    c = sub.add_parser("plot", help="draw a result file's PNG plots", description="Draw a result file's PNG plots.")
+    c.add_argument("result", type=Path)
+    c.add_argument("--out", dest="plot_out", type=Path, help="directory (default: beside the result)")
+    c.set_defaults(main=_plot, parser=c)
+    c = sub.add_parser("cache", help="show (or --clear) backend='auto''s on-disk choices",
+                       description="backend='auto' remembers its choices (and the backends its check "
+                                   "refused) on disk, one file per machine and software versions, under "
+                                   "$DEEPARCH_CACHE_DIR (default ~/.cache/deeparch_kernels). Shows them.")
+    c.add_argument("--clear", action="store_true", help="delete the files (the next run checks and times again)")
+    c.set_defaults(main=_cache, parser=c)
+    # the lesson parses its own arguments (lesson.py): 'lesson --help'
+    sub.add_parser("lesson", add_help=False, help="the lesson behind the library reproduced (see 'lesson --help')")
     return p
 
 
@@ -112,15 +129,18 @@ def _choose(parser, value: str, allowed: Sequence[str], what: str) -> List[str]:
 
 
 def parse_config(argv: Optional[Sequence[str]] = None):
-    """Parse arguments into a runner.Config (argparse exits with status 2 on bad values)."""
+    """Parse the main job's arguments into a runner.Config (argparse exits with status 2 on bad
+    values)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _config(parser, parser.parse_args(argv), argv)
+
+
+def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[str]):
     from .backends import BACKENDS, available_backends
     from .bench.cases import parse_dtype, parse_shape_spec
     from .bench.env import device_from_arg
     from .bench.runner import Config
-
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = parser.parse_args(argv)
 
     try:
         device = device_from_arg(a.device)
@@ -133,10 +153,10 @@ def parse_config(argv: Optional[Sequence[str]] = None):
         ops += [o for o in OP_ALIASES[v] if o not in ops]
 
     if a.models is None:
-        models = ["resnet18"] if a.quick else list(MODEL_CHOICES)
+        models = ["resnet18"] if a.quick else list(BENCH_MODELS)
     else:
-        picked = _choose(parser, a.models, list(MODEL_CHOICES) + ["all", "none"], "model")
-        models = list(MODEL_CHOICES) if "all" in picked else [m for m in picked if m != "none"]
+        picked = _choose(parser, a.models, list(BENCH_MODELS) + ["all", "none"], "model")
+        models = list(BENCH_MODELS) if "all" in picked else [m for m in picked if m != "none"]
 
     dtypes = None
     if a.dtypes:
@@ -220,39 +240,28 @@ def parse_config(argv: Optional[Sequence[str]] = None):
         latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
 
 
-def _compare_main(argv: Sequence[str]) -> int:
+def _compare(a: argparse.Namespace) -> int:
     from .bench.compare import compare, load
 
-    p = _Parser(prog="deeparch-bench compare",
-                description="Two result files side by side: same cases, ratio B/A of median times "
-                            "(< 1: B is faster).")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
-    p.add_argument("--markdown", action="store_true", help="markdown tables")
-    a = p.parse_args(list(argv))
     try:
         ra, rb = load(a.a), load(a.b)
     except ValueError as e:
-        p.error(str(e))
+        a.parser.error(str(e))
     sys.stdout.write(compare(ra, rb, markdown=a.markdown))
     return 0
 
 
-def _plot_main(argv: Sequence[str]) -> int:
+def _plot(a: argparse.Namespace) -> int:
     from .bench.compare import load
     from .bench.plots import draw
 
-    p = _Parser(prog="deeparch-bench plot", description="Draw a result file's PNG plots.")
-    p.add_argument("result", type=Path)
-    p.add_argument("--out", type=Path, help="directory (default: beside the result)")
-    a = p.parse_args(list(argv))
     try:
         r = load(a.result)
     except ValueError as e:
-        p.error(str(e))
-    stem = (a.out / a.result.stem) if a.out else a.result.with_suffix("")
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
+        a.parser.error(str(e))
+    stem = (a.plot_out / a.result.stem) if a.plot_out else a.result.with_suffix("")
+    if a.plot_out:
+        a.plot_out.mkdir(parents=True, exist_ok=True)
     paths, why = draw(r, stem)
     if why:
         print(f"plots skipped: {why}", file=sys.stderr)
@@ -262,15 +271,9 @@ def _plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cache_main(argv: Sequence[str]) -> int:
+def _cache(a: argparse.Namespace) -> int:
     from .backends import choice_cache
 
-    p = _Parser(prog="deeparch-bench cache",
-                description="backend='auto' remembers its choices (and the backends its check "
-                            "refused) on disk, one file per machine and software versions, under "
-                            "$DEEPARCH_CACHE_DIR (default ~/.cache/deeparch_kernels). Shows them.")
-    p.add_argument("--clear", action="store_true", help="delete the files (the next run checks and times again)")
-    a = p.parse_args(list(argv))
     d = choice_cache.directory()
     if d is None:
         print("the choice cache is off (DEEPARCH_CACHE_DIR=off)")
@@ -297,20 +300,18 @@ def _cache_main(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        if argv and argv[0] == "compare":
-            return _compare_main(argv[1:])
-        if argv and argv[0] == "plot":
-            return _plot_main(argv[1:])
-        if argv and argv[0] == "cache":
-            return _cache_main(argv[1:])
-        if argv and argv[0] == "lesson":
+        a, rest = parser.parse_known_args(argv)
+        if a.command == "lesson":
             from .lesson import main as lesson_main
-            return lesson_main(argv[1:])
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
-    try:
-        cfg = parse_config(argv)
+
+            return lesson_main(rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if a.command is not None:
+            return a.main(a)
+        cfg = _config(parser, a, argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
 
@@ -318,23 +319,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .bench.runner import run
 
     t0 = time.perf_counter()
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    log(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; "
-        f"models {','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; "
-        f"compile {'on' if cfg.compile else 'off'}{'' if cfg.compile_models or not cfg.compile else ' (not for models)'}; "
-        f"budget {cfg.budget_s:.0f} s")
-    for n in cfg.notes:
-        log(f"note: {n}")
-    result = run(cfg, log=log)
-    sys.stdout.write(report.render(result))
-    sys.stdout.flush()
-    if cfg.out is not None:
-        written = report.write(result, cfg.out, plots=cfg.plots)
-        log(f"wrote {written['json']} and {written['markdown']}"
-            + (f" and {len(written['plots'])} plots" if written["plots"] else ""))
-        if written["plots_skipped"]:
-            log(f"plots skipped: {written['plots_skipped']}")
-    log(f"done in {time.perf_counter() - t0:.1f} s, exit code {result['exit_code']}")
+    log = logging.getLogger("deeparch_kernels.bench")
+    handler = logging.StreamHandler(sys.stderr)  # progress lines, for this run (-q: none)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if cfg.progress else logging.ERROR)
+    try:
+        log.info(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; "
+                 f"models {','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; "
+                 f"compile {'on' if cfg.compile else 'off'}"
+                 f"{'' if cfg.compile_models or not cfg.compile else ' (not for models)'}; budget {cfg.budget_s:.0f} s")
+        for n in cfg.notes:
+            log.info(f"note: {n}")
+        result = run(cfg)
+        sys.stdout.write(report.render(result))
+        sys.stdout.flush()
+        if cfg.out is not None:
+            written = report.write(result, cfg.out, plots=cfg.plots)
+            log.info(f"wrote {written['json']} and {written['markdown']}"
+                     + (f" and {len(written['plots'])} plots" if written["plots"] else ""))
+            if written["plots_skipped"]:
+                log.info(f"plots skipped: {written['plots_skipped']}")
+        log.info(f"done in {time.perf_counter() - t0:.1f} s, exit code {result['exit_code']}")
+    finally:
+        log.removeHandler(handler)
     return int(result["exit_code"])
 
 

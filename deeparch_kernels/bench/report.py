@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .specs import SPECS, family
+
 LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
 
 
@@ -34,8 +36,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
 
 
 def _group_key(r: dict) -> Tuple:
-    fam = "add_relu" if r["op"] in ("add_relu", "add_relu_") else r["op"]
-    return (r["section"], fam, r["case"], r["dtype"], r["memory_format"], r.get("form"))
+    spec = family(r["op"])
+    return (r["section"], spec.name if spec else r["op"], r["case"], r["dtype"], r["memory_format"], r.get("form"))
 
 
 def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
@@ -45,35 +47,35 @@ def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
     return out
 
 
+def _x(v) -> str:
+    return _f(v, ".2f") + ("x" if v else "")
+
+
 def _time_cells(r: dict) -> List[str]:
     if r.get("median_ms") is None:
-        return [r["status"], "", ""]
-    return [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", ""]
+        return [r["status"], ""]
+    return [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"]
 
 
 def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
-    """One table per op family: add+ReLU, fused conv."""
+    """One table per op family (specs.py)."""
     out = []
-    for fam, title, rate in (("add_relu", "residual add + ReLU", "GB/s"),
-                             ("fused_conv2d", "conv3x3 + bias (+ residual) + ReLU", "TFLOP/s")):
-        frows = [r for r in rows if r["section"] == "op" and _group_key(r)[1] == fam]
+    for spec in SPECS.values():
+        frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops]
         if not frows:
             continue
         body = []
         for key, grp in groups(frows).items():
             _, _, case, dtype, fmt, form = key
-            label = f"{case}" + (f" {form}" if form and fam != "add_relu" else "")
+            label = f"{case}" + (f" {form}" if form else "")
             for j, r in enumerate(grp):
-                t = _time_cells(r)
-                val = r["gbps"] if fam == "add_relu" else r["tflops"]
                 body.append([label if j == 0 else "", f"{dtype} {LAYOUT.get(fmt, fmt)}" if j == 0 else "",
-                             r["provider"], t[0], t[1],
-                             _f(val, ".3g"), _f(r.get("roofline_pct"), ".0f"),
-                             _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
-                             _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
+                             r["provider"], *_time_cells(r), _f(r[spec.rate_key], ".3g"),
+                             _f(r.get("roofline_pct"), ".0f"), _x(r.get("speedup_vs_eager")),
+                             _x(r.get("speedup_vs_compile")),
                              (f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-        head = ["case", "dtype", "provider", "ms", "p20-p80", rate, "%roof", "vs eager", "vs compile", "note"]
-        out.append((f"### {title}\n\n" if markdown else f"== {title} ==\n")
+        head = ["case", "dtype", "provider", "ms", "p20-p80", spec.rate, "%roof", "vs eager", "vs compile", "note"]
+        out.append((f"### {spec.title}\n\n" if markdown else f"== {spec.title} ==\n")
                    + table(head, body, markdown=markdown, right=(3, 5, 6, 7, 8)))
     return out
 
@@ -85,13 +87,10 @@ def model_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str
     body = []
     for key, grp in groups(mrows).items():
         for j, r in enumerate(grp):
-            t = _time_cells(r)
             body.append([r["case"] if j == 0 else "", f"{r['shape'][0]} {r['dtype']}" if j == 0 else "",
-                         r["form"] if j == 0 else "", r["provider"], t[0], t[1],
-                         _f(r.get("images_per_s"), ".4g"),
-                         _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
-                         _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
-                         _f(r.get("max_rel_err"), ".1e"),
+                         r["form"] if j == 0 else "", r["provider"], *_time_cells(r),
+                         _f(r.get("images_per_s"), ".4g"), _x(r.get("speedup_vs_eager")),
+                         _x(r.get("speedup_vs_compile")), _f(r.get("max_rel_err"), ".1e"),
                          (f"compile {r['compile_s']:.0f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
     head = ["model", "batch", "form", "provider", "ms", "p20-p80", "img/s", "vs eager", "vs compile",
             "err vs tv", "note"]
@@ -137,7 +136,7 @@ def verification_text(result: dict, *, markdown: bool = False, limit: int = 30) 
         return "verification: skipped (--no-verify)"
     s = ver["summary"]
     head = (f"verification (seed {ver['seed']}, float64 reference): {s['pass']} passed, {s['fail']} failed, "
-            f"{s['error']} errors, {s['skip']} skipped, {s['missing']} not implemented yet")
+            f"{s['error']} errors, {s['skip']} skipped" + (f", {s['missing']} with no kernel" if s["missing"] else ""))
     lines = [head]
     per: Dict[Tuple, List[dict]] = {}
     for c in ver["results"]:
@@ -166,7 +165,7 @@ def ceilings_text(result: dict) -> str:
     c = result.get("ceilings")
     if not c:
         return "ceilings: not measured"
-    parts = [f"copy {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
+    parts = [f"streaming {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
     for dt, m in c["matmul"].items():
         if "tflops" in m:
             parts.append(f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)")
@@ -195,8 +194,9 @@ def render(result: dict, *, markdown: bool = False) -> str:
         else:
             parts.append("## timing\n\n" + ceilings_text(result)
                          + "\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); "
-                           "%roof = achieved GB/s over the measured copy bandwidth (add+ReLU) or TFLOP/s "
-                           "over the measured matmul rate (conv).")
+                           "%roof = achieved GB/s over the measured streaming bandwidth (add+ReLU; bytes "
+                           "counted per form, see roofline.py) or TFLOP/s over the measured matmul rate "
+                           "(conv).")
     else:
         parts.append(header_text(result))
         parts.append("backends:\n" + backends_table(result))

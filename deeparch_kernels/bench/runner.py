@@ -2,20 +2,22 @@
 a result dict (schema.py) -> console table, JSON, markdown, plots (report.py, plots.py)."""
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
+from ..timing import Budget, Timer
 from . import env as _env
 from .cases import build_cases, dtype_name
 from .schema import SCHEMA_VERSION
+from .specs import OPS
 
-OPS = ("add_relu", "add_relu_", "fused_conv2d")
+log = logging.getLogger("deeparch_kernels.bench")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Config:
     image_size: int = 224
     model_batch: int = 64
     latency: bool = True
-    progress: bool = True
+    progress: bool = True  # progress lines (logging, INFO) on stderr: the CLI's -q turns them off
     argv: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -72,13 +74,10 @@ class Config:
         return torch.float16 if self.device.type == "cuda" else torch.float32
 
 
-def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Run everything ``cfg`` asks for; returns the result dict (see schema.py)."""
+def run(cfg: Config) -> dict:
+    """Run everything ``cfg`` asks for; returns the result dict (see schema.py). Progress goes
+    to the "deeparch_kernels.bench" logger."""
     import deeparch_kernels as dk
-
-    if log is None:
-        log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    from ..timing import Budget
 
     t_start = time.perf_counter()
     budget = Budget(cfg.budget_s)  # one budget for the whole run: timing adapts to verification's time
@@ -95,20 +94,16 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     verification = None
     failed = False
     if cfg.verify:
-        from .verify import Verifier, summarize
+        from .verify import Verifier, summarize, verify_models
 
-        log(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
+        log.info(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
             f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
-        v = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed,
-                     quick=cfg.quick, progress=log)
         t0 = time.perf_counter()
-        checks = v.run()
+        checks = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed, quick=cfg.quick).run()
         if cfg.models:
-            from .verify import verify_models
-
             checks += verify_models(dev, cfg.models, cfg.model_backends, cfg.verify_dtypes,
-                                    seed=cfg.seed, image_size=32 if cfg.quick else 64, progress=log)
-        log(f"verification took {time.perf_counter() - t0:.1f} s")
+                                    seed=cfg.seed, image_size=32 if cfg.quick else 64)
+        log.info(f"verification took {time.perf_counter() - t0:.1f} s")
         summary = summarize(checks)
         verification = {"seed": cfg.seed, "summary": summary, "results": [c.as_dict() for c in checks]}
         failed = failed or bool(summary["fail"] or summary["error"])
@@ -119,7 +114,6 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
         from .modelbench import ModelBench
         from .opbench import OpBench
         from .roofline import measure_ceilings
-        from ..timing import Timer
 
         torch.manual_seed(cfg.seed)
         timer = Timer(dev, warmup=cfg.warmup, reps=cfg.reps, min_reps=min(5, cfg.reps),
@@ -128,13 +122,13 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
                             memory_format=cfg.memory_format)
         conv_dtypes = list(dict.fromkeys([c.dtype for c in cases.conv] +
                                          ([cfg.model_dtype] if cfg.models else [])))
-        log("measuring the ceilings (copy bandwidth, matmul rate)")
+        log.info("measuring the ceilings (streaming bandwidth, matmul rate)")
         ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
-        log(_ceiling_line(ceilings))
+        log.info(_ceiling_line(ceilings))
         reserve = _model_reserve(cfg) if cfg.models else 0.0
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
-                     compile_=cfg.compile, compile_reserve_s=reserve, log=log)
-        timings += ob.run(cases.add, cases.conv)
+                     compile_=cfg.compile, compile_reserve_s=reserve)
+        timings += ob.run(cases.add + cases.conv)
         notes += ob.notes
         if cfg.models:
             mtimer = Timer(dev, warmup=1 if dev.type == "cpu" else cfg.warmup,
@@ -142,7 +136,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
             mb = ModelBench(dev, mtimer, budget, names=cfg.models, backends=cfg.model_backends,
                             dtype=cfg.model_dtype, batch=cfg.model_batch, image=cfg.image_size,
                             latency=cfg.latency, compile_=cfg.compile and cfg.compile_models,
-                            seed=cfg.seed, log=log)
+                            seed=cfg.seed)
             timings += mb.run()
             notes += mb.notes
         if any(r["status"] == "error" for r in timings):
@@ -153,7 +147,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     busy = _busy_note(dev, load_start, load_end) if cfg.bench else None
     if busy:
         notes.append(busy)
-        log(f"warning: {busy}")
+        log.warning(f"warning: {busy}")
     environment = _env.environment(dev)
     environment["loadavg_1min"] = {"start": load_start, "end": load_end}
     from .. import backends as _backends

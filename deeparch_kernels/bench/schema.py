@@ -51,9 +51,68 @@ A timing row (every key present; null where it does not apply)::
 """
 from __future__ import annotations
 
-from typing import Any, List
+from dataclasses import dataclass, fields
+from typing import Any, List, Optional
 
 SCHEMA_VERSION = 1
+
+
+@dataclass
+class Row:
+    """A timing row; the file holds ``dataclasses.asdict`` of an OpRow or a ModelRow."""
+    section: str
+    op: str
+    case: str
+    shape: list
+    dtype: str
+    memory_format: str
+    device: str
+    provider: str
+    kind: str
+    backend: Optional[str] = None
+    eager_provider: Optional[str] = "eager"
+    weight_shape: Optional[list] = None
+    stride: Optional[int] = None
+    padding: Optional[int] = None
+    form: Optional[str] = None
+    net: Optional[str] = None
+    bytes: Optional[float] = None
+    flops: Optional[float] = None
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    reps: int = 0
+    compile_s: Optional[float] = None
+    status: str = "ok"
+    note: str = ""
+    gbps: Optional[float] = None
+    tflops: Optional[float] = None
+    roofline_pct: Optional[float] = None
+    speedup_vs_eager: Optional[float] = None
+    speedup_vs_compile: Optional[float] = None
+
+    def timed(self, t) -> None:
+        """Fill the timing from a timing.Timing."""
+        self.median_ms, self.p20_ms, self.p80_ms, self.reps = t.median_ms, t.p20_ms, t.p80_ms, t.reps
+
+
+@dataclass
+class OpRow(Row):
+    input_sets: int = 1
+
+
+@dataclass
+class ModelRow(Row):
+    images_per_s: Optional[float] = None
+    max_rel_err: Optional[float] = None
+
+
+NUM = (int, float, type(None))
+_TYPES = {"str": str, "int": int, "list": list, "Optional[str]": (str, type(None)),
+          "Optional[list]": (list, type(None)), "Optional[int]": (int, type(None)), "Optional[float]": NUM}
+# What the validator asks of every row, and of model rows besides.
+ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(Row) if f.name not in ("weight_shape", "stride", "padding", "net")}
+MODEL_ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(ModelRow)[len(fields(Row)):]}
 
 TOP_KEYS = {
     "schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
@@ -62,16 +121,6 @@ TOP_KEYS = {
 }
 ENV_KEYS = {"device": str, "device_type": str, "device_name": str, "device_slug": str, "torch": str,
             "python": str, "git": dict}
-NUM = (int, float, type(None))
-ROW_KEYS = {
-    "section": str, "op": str, "case": str, "shape": list, "dtype": str, "memory_format": str,
-    "provider": str, "kind": str, "backend": (str, type(None)), "eager_provider": (str, type(None)),
-    "median_ms": NUM, "p20_ms": NUM, "p80_ms": NUM, "reps": int, "bytes": NUM, "flops": NUM,
-    "gbps": NUM, "tflops": NUM, "roofline_pct": NUM, "speedup_vs_eager": NUM,
-    "speedup_vs_compile": NUM, "compile_s": NUM, "status": str, "note": str, "form": (str, type(None)),
-    "device": str,
-}
-MODEL_ROW_KEYS = {"images_per_s": NUM, "max_rel_err": NUM}
 CHECK_KEYS = {"op": str, "backend": str, "dtype": str, "case": str, "memory_format": str,
               "status": str, "rel_err": NUM, "tol": NUM, "message": str}
 STATUSES = {"ok", "skipped", "missing", "error"}
@@ -84,7 +133,6 @@ def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
             errors.append(f"{where}: missing key {k!r}")
         elif not isinstance(obj[k], typ) or (isinstance(obj[k], bool) and typ in (int, NUM)):
             errors.append(f"{where}.{k}: {type(obj[k]).__name__} is not {typ}")
-
 
 def validate(result: Any) -> List[str]:
     """The ways ``result`` breaks the schema (empty when it is valid)."""

@@ -10,11 +10,11 @@ Environment:
   DEEPARCH_BENCH_MODELS          comma list (default: all three on a GPU, resnet18 on a CPU)
   DEEPARCH_BENCH_COMPILE_MODELS  1 to compile whole models on a CPU too (default: GPU only)
 
-GPU timing: pytest-benchmark's own clock runs around ``fn(); torch.cuda.synchronize()`` (host
-time, including the launch and the synchronisation), and the device time measured with CUDA
-events and an L2 flush (timing.Timer, as the CLI) is stored in each benchmark's ``extra_info``
-as ``device_median_ms`` / ``device_p20_ms`` / ``device_p80_ms``: read those for kernels under
-~50 us.
+Each case is timed once, by pytest-benchmark. On a GPU each round is ``fn()`` between two CUDA
+events and a synchronise, after an L2 flush in pedantic's untimed setup: pytest-benchmark's
+clock gives the host time (launch and synchronisation included), the events of the same calls
+the device time, stored in each benchmark's ``extra_info`` as ``device_median_ms`` /
+``device_p20_ms`` / ``device_p80_ms``: read those for kernels under ~50 us.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..testing import BENCH_MODELS
+from ..timing import Rotation, flush_buffer, last_level_cache_bytes, rotation_count, summarize, synchronize
 from .cases import AddCase, ConvCase, build_cases, dtype_name
-from ..timing import last_level_cache_bytes
 from .env import device_name, git_info, resolve_device
-from ..timing import Rotation, Timer, rotation_count, synchronize
 
 DEVICE = resolve_device(os.environ.get("DEEPARCH_BENCH_DEVICE") or None)
 GPU = DEVICE.type == "cuda"
@@ -63,7 +63,7 @@ def model_names() -> List[str]:
     env = os.environ.get("DEEPARCH_BENCH_MODELS")
     if env is not None:
         return [m.strip() for m in env.split(",") if m.strip() and m.strip() != "none"]
-    return ["vgg16", "resnet18", "resnet50"] if GPU else ["resnet18"]
+    return list(BENCH_MODELS) if GPU else ["resnet18"]
 
 
 def our_backends() -> List[str]:
@@ -87,7 +87,7 @@ def n_sets(case) -> int:
 
 
 _ENV = None
-_TIMER: Optional[Timer] = None
+_FLUSH: Optional[torch.Tensor] = None
 
 
 def env_info() -> dict:
@@ -100,30 +100,42 @@ def env_info() -> dict:
 
 def bench_call(benchmark, fn: Callable[[], object], *, group: str, extra: Optional[dict] = None,
                max_time_s: float = 1.0) -> None:
-    """Time ``fn`` with pytest-benchmark's pedantic mode, synchronising on a GPU (see above)."""
+    """Time ``fn`` once with pytest-benchmark's pedantic mode; on a GPU with device events too
+    (see above)."""
+    global _FLUSH
     benchmark.group = group
     benchmark.extra_info.update(env_info())
     benchmark.extra_info.update(extra or {})
     fn()  # warm: compilation, autotuning, allocator
     synchronize(DEVICE)
-    if GPU:
-        global _TIMER
-        if _TIMER is None or _TIMER.max_time_s != max_time_s:
-            _TIMER = Timer(DEVICE, warmup=5, reps=100, min_reps=10, max_time_s=max_time_s)
-        t = _TIMER(fn)
-        benchmark.extra_info.update(device_median_ms=t.median_ms, device_p20_ms=t.p20_ms,
-                                    device_p80_ms=t.p80_ms, device_reps=t.reps)
-
-        def target():
-            fn()
-            torch.cuda.synchronize(DEVICE)
-    else:
-        target = fn
     t0 = time.perf_counter()
-    target()
+    fn()
+    synchronize(DEVICE)
     one = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(max(5, min(200, max_time_s / one)))
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=2 if one < 0.05 else 1, iterations=1)
+    rounds, warmup = int(max(5, min(200, max_time_s / one))), 2 if one < 0.05 else 1
+    if not GPU:
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        return
+    if _FLUSH is None:
+        _FLUSH = flush_buffer(DEVICE)
+    events = []
+
+    def flush() -> None:  # pedantic's setup: untimed, before every round
+        _FLUSH.zero_()
+
+    def target():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(DEVICE)
+        events.append((start, end))
+
+    benchmark.pedantic(target, setup=flush, rounds=rounds, warmup_rounds=warmup,
+                       iterations=1)
+    t = summarize([s.elapsed_time(e) for s, e in events[warmup:]])
+    benchmark.extra_info.update(device_median_ms=t.median_ms, device_p20_ms=t.p20_ms, device_p80_ms=t.p80_ms,
+                                device_reps=t.reps)
 
 
 def compiled(fn: Callable, first_args: tuple) -> Callable:
