@@ -8,29 +8,19 @@ timer (timing.Timer.many)."""
 import pytest
 import torch
 
-from deeparch_kernels.bench import suite
-from deeparch_kernels.bench.cases import AddCase, dtype_name
-from deeparch_kernels.bench.specs import add_inputs, add_providers
+import suite
+from deeparch_kernels.bench.cases import AddCase
+from deeparch_kernels.bench.specs import add_inputs
 from deeparch_kernels.timing import Timer
 
 OURS = suite.our_backends()
-PROVIDERS = add_providers(None, OURS, ["add_relu", "add_relu_"], compile_=suite.COMPILE)
-CASES = suite.add_cases()
+CASES = suite.cases("add_relu")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.name)
-@pytest.mark.parametrize("case", CASES, ids=suite.add_case_id)
+@pytest.mark.parametrize("provider", [p.name for p in suite.providers(CASES[0])] if CASES else [])
+@pytest.mark.parametrize("case", CASES, ids=suite.case_id)
 def test_add_relu(benchmark, case, provider):
-    sets = add_inputs(case, suite.DEVICE, suite.n_sets(case))
-    if provider.inplace:
-        sets = [(a.clone(), b) for a, b in sets]
-    fn = suite.compiled(provider.fn, sets[0]) if provider.compiled else provider.fn
-    gbytes = case.bytes / 1e9
-    suite.bench_call(benchmark, suite.rotating(fn, sets),
-                     group=f"add_relu {case.label} {dtype_name(case.dtype)} {case.fmt}",
-                     extra={"provider": provider.name, "op": provider.op, "case": case.label,
-                            "dtype": dtype_name(case.dtype), "bytes": case.bytes, "gbytes": gbytes,
-                            "input_sets": len(sets)})
+    suite.bench_case(benchmark, case, provider)
 
 
 @pytest.mark.skipif(suite.GPU or "cpu" not in OURS, reason="the CPU bar: needs the C++ CPU backend on a CPU run")

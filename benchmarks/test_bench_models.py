@@ -4,7 +4,7 @@ channels_last; CPU: ResNet-18 at batch 1 fp32."""
 import pytest
 import torch
 
-from deeparch_kernels.bench import suite
+import suite
 from deeparch_kernels.bench.modelbench import build_fused
 from deeparch_kernels.testing import reference_model
 

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..testing import classify
-from ..timing import Budget, Rotation, Timer, last_level_cache_bytes, rotation_count, synchronize
+from ..timing import Budget, Timer, last_level_cache_bytes, rotation_count
 from .cases import ConvCase, dtype_name
 from .roofline import form_bytes
 from .schema import OpRow, Row
@@ -95,25 +95,15 @@ class OpBench:
             input_sets=n_sets)
 
     def prepare(self, prov: Provider, sets: List[tuple], row: Row) -> Optional[Callable[[], object]]:
-        """The timed callable of a provider (its own input copies, compiled once), or None with
-        the row marked when that fails."""
+        """The timed callable of a provider, or None with the row marked when making it fails."""
         try:
-            if prov.inplace:  # its own copies of the buffers it overwrites
-                sets = [(s[0].clone(),) + tuple(s[1:]) for s in sets]
-            fn = prov.fn
-            if prov.compiled:
-                torch._dynamo.reset()
-                fn = torch.compile(prov.fn, dynamic=False)
-                t0 = time.perf_counter()
-                fn(*sets[0])
-                synchronize(self.device)
-                row.compile_s = time.perf_counter() - t0
-                self.compile_cost.add(row.compile_s)
-            rot = Rotation(sets)
-            return lambda: fn(*rot())
+            fn, row.compile_s = prov.timed(sets, self.device)
         except Exception as e:  # noqa: BLE001 - a failing provider is a row, not a crash
             row.status, row.note = classify(e)
             return None
+        if row.compile_s is not None:
+            self.compile_cost.add(row.compile_s)
+        return fn
 
     def run_case(self, case, providers: List[Provider], sets: List[tuple]) -> List[OpRow]:
         rows, fns = [], {}

@@ -51,10 +51,28 @@ def _x(v) -> str:
     return _f(v, ".2f") + ("x" if v else "")
 
 
-def _time_cells(r: dict) -> List[str]:
-    if r.get("median_ms") is None:
-        return [r["status"], ""]
-    return [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"]
+def _section(title: str, text: str, markdown: bool) -> str:
+    return (f"### {title}\n\n" if markdown else f"== {title} ==\n") + text
+
+
+def _timing_table(rows: Sequence[dict], lead, rate: Tuple[str, str, str], markdown: bool) -> str:
+    """A row per provider, the case's ``lead`` cells on its first row only; ``rate``: (header,
+    key, format) of the rate column."""
+    body = []
+    for grp in groups(rows).values():
+        for j, r in enumerate(grp):
+            timed = [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"] if r.get("median_ms") \
+                else [r["status"], ""]
+            extra = [_f(r.get("roofline_pct"), ".0f")] if r["section"] == "op" else []
+            body.append([c if j == 0 else "" for c in lead(r)] + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]),
+                        *extra, _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile"))]
+                        + ([_f(r.get("max_rel_err"), ".1e")] if r["section"] == "model" else [])
+                        + [(f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
+    model = rows[0]["section"] == "model"
+    head = (["model", "batch", "form"] if model else ["case", "dtype"]) + ["provider", "ms", "p20-p80", rate[0]] \
+        + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv"] if model else []) + ["note"]
+    first = head.index("ms")
+    return table(head, body, markdown=markdown, right=range(first, len(head) - 1))
 
 
 def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
@@ -62,40 +80,25 @@ def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
     out = []
     for spec in SPECS.values():
         frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops]
-        if not frows:
-            continue
-        body = []
-        for key, grp in groups(frows).items():
-            _, _, case, dtype, fmt, form = key
-            label = f"{case}" + (f" {form}" if form else "")
-            for j, r in enumerate(grp):
-                body.append([label if j == 0 else "", f"{dtype} {LAYOUT.get(fmt, fmt)}" if j == 0 else "",
-                             r["provider"], *_time_cells(r), _f(r[spec.rate_key], ".3g"),
-                             _f(r.get("roofline_pct"), ".0f"), _x(r.get("speedup_vs_eager")),
-                             _x(r.get("speedup_vs_compile")),
-                             (f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-        head = ["case", "dtype", "provider", "ms", "p20-p80", spec.rate, "%roof", "vs eager", "vs compile", "note"]
-        out.append((f"### {spec.title}\n\n" if markdown else f"== {spec.title} ==\n")
-                   + table(head, body, markdown=markdown, right=(3, 5, 6, 7, 8)))
+        if frows:
+            out.append(_section(spec.title, _timing_table(frows, _op_lead, (spec.rate, spec.rate_key, ".3g"),
+                                                          markdown), markdown))
     return out
+
+
+def _op_lead(r: dict) -> List[str]:
+    return [r["case"] + (f" {r['form']}" if r.get("form") else ""),
+            f"{r['dtype']} {LAYOUT.get(r['memory_format'], r['memory_format'])}"]
+
+
+def _model_lead(r: dict) -> List[str]:
+    return [r["case"], f"{r['shape'][0]} {r['dtype']}", r["form"]]
 
 
 def model_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
     mrows = [r for r in rows if r["section"] == "model"]
-    if not mrows:
-        return None
-    body = []
-    for key, grp in groups(mrows).items():
-        for j, r in enumerate(grp):
-            body.append([r["case"] if j == 0 else "", f"{r['shape'][0]} {r['dtype']}" if j == 0 else "",
-                         r["form"] if j == 0 else "", r["provider"], *_time_cells(r),
-                         _f(r.get("images_per_s"), ".4g"), _x(r.get("speedup_vs_eager")),
-                         _x(r.get("speedup_vs_compile")), _f(r.get("max_rel_err"), ".1e"),
-                         (f"compile {r['compile_s']:.0f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-    head = ["model", "batch", "form", "provider", "ms", "p20-p80", "img/s", "vs eager", "vs compile",
-            "err vs tv", "note"]
-    return (("### whole models (inference)\n\n" if markdown else "== whole models (inference) ==\n")
-            + table(head, body, markdown=markdown, right=(4, 6, 7, 8)))
+    return _section("whole models (inference)", _timing_table(mrows, _model_lead, ("img/s", "images_per_s", ".4g"),
+                                                              markdown), markdown) if mrows else None
 
 
 def geomean(vals: Sequence[float]) -> Optional[float]:
@@ -105,24 +108,19 @@ def geomean(vals: Sequence[float]) -> Optional[float]:
 
 def summary_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
     """Per op and our provider: geometric-mean speedup vs eager and vs compile, min-max range."""
-    body = []
     seen: Dict[Tuple, List[dict]] = {}
     for r in rows:
         if r["kind"] == "ours" and r.get("median_ms"):
             seen.setdefault((r["op"], r["provider"], r["dtype"]), []).append(r)
-    for (op, prov, dtype), rs in seen.items():
-        e = [r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")]
-        c = [r["speedup_vs_compile"] for r in rs if r.get("speedup_vs_compile")]
-        ge, gc = geomean(e), geomean(c)
-        body.append([op, prov, dtype, str(len(rs)),
-                     (f"{ge:.2f}x ({min(e):.2f}-{max(e):.2f})" if ge else "-"),
-                     (f"{gc:.2f}x ({min(c):.2f}-{max(c):.2f})" if gc else "-")])
-    if not body:
-        return None
+
+    def spread(vals):
+        return f"{geomean(vals):.2f}x ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
+
+    body = [[*key, str(len(rs)), spread([r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")]),
+             spread([r["speedup_vs_compile"] for r in rs if r.get("speedup_vs_compile")])] for key, rs in seen.items()]
     head = ["op", "ours", "dtype", "cases", "vs eager: geomean (min-max)", "vs compile: geomean (min-max)"]
-    return (("### summary: our backends vs eager and torch.compile (speedup, >1 = faster)\n\n" if markdown
-             else "== summary: our backends vs eager and torch.compile (speedup, >1 = faster) ==\n")
-            + table(head, body, markdown=markdown, right=(3, 4, 5)))
+    return _section("summary: our backends vs eager and torch.compile (speedup, >1 = faster)",
+                    table(head, body, markdown=markdown, right=(3, 4, 5)), markdown) if body else None
 
 
 def backends_table(result: dict, *, markdown: bool = False) -> str:

@@ -61,17 +61,12 @@ class Config:
 
     @property
     def verify_dtypes(self) -> List[torch.dtype]:
-        if self.dtypes:
-            return list(self.dtypes)
-        if self.device.type == "cuda":
-            return [torch.float32, torch.float16, torch.bfloat16]
-        return [torch.float32]
+        gpu = self.device.type == "cuda"
+        return list(self.dtypes or ([torch.float32, torch.float16, torch.bfloat16] if gpu else [torch.float32]))
 
     @property
     def model_dtype(self) -> torch.dtype:
-        if self.dtypes:
-            return self.dtypes[0]
-        return torch.float16 if self.device.type == "cuda" else torch.float32
+        return self.dtypes[0] if self.dtypes else torch.float16 if self.device.type == "cuda" else torch.float32
 
 
 def run(cfg: Config) -> dict:
@@ -97,7 +92,7 @@ def run(cfg: Config) -> dict:
         from .verify import Verifier, summarize, verify_models
 
         log.info(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
-            f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
+                 f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
         t0 = time.perf_counter()
         checks = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed, quick=cfg.quick).run()
         if cfg.models:
@@ -106,13 +101,14 @@ def run(cfg: Config) -> dict:
         log.info(f"verification took {time.perf_counter() - t0:.1f} s")
         summary = summarize(checks)
         verification = {"seed": cfg.seed, "summary": summary, "results": [c.as_dict() for c in checks]}
-        failed = failed or bool(summary["fail"] or summary["error"])
+        failed = bool(summary["fail"] or summary["error"])
 
     ceilings = None
     timings: List[dict] = []
     if cfg.bench:
         from .modelbench import ModelBench
         from .opbench import OpBench
+        from .report import ceilings_text
         from .roofline import measure_ceilings
 
         torch.manual_seed(cfg.seed)
@@ -124,7 +120,7 @@ def run(cfg: Config) -> dict:
                                          ([cfg.model_dtype] if cfg.models else [])))
         log.info("measuring the ceilings (streaming bandwidth, matmul rate)")
         ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
-        log.info(_ceiling_line(ceilings))
+        log.info(ceilings_text({"ceilings": ceilings}))
         reserve = _model_reserve(cfg) if cfg.models else 0.0
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
                      compile_=cfg.compile, compile_reserve_s=reserve)
@@ -161,23 +157,10 @@ def run(cfg: Config) -> dict:
     if auto["exclusions"]:
         notes.append(f"backend='auto' refused {len(auto['exclusions'])} backend(s) for some inputs "
                      "(its check found them wrong, or they raised): see 'auto refused'")
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": "deeparch-bench",
-        "created": created,
-        "argv": list(cfg.argv),
-        "config": cfg.as_json(),
-        "env": environment,
-        "backends": avail,
-        "ceilings": ceilings,
-        "verification": verification,
-        "timings": timings,
-        "notes": notes,
-        "auto": auto,
-        "wall_s": time.perf_counter() - t_start,
-        "exit_code": 1 if failed else 0,
-    }
-    return result
+    return dict(schema_version=SCHEMA_VERSION, tool="deeparch-bench", created=created, argv=list(cfg.argv),
+                config=cfg.as_json(), env=environment, backends=avail, ceilings=ceilings, verification=verification,
+                timings=timings, notes=notes, auto=auto, wall_s=time.perf_counter() - t_start,
+                exit_code=1 if failed else 0)
 
 
 def _model_reserve(cfg: Config) -> float:
@@ -198,16 +181,9 @@ def _busy_note(dev: torch.device, start: Optional[float], end: Optional[float]) 
     """Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy."""
     cores = os.cpu_count() or 1
     # before the run the load is others'; at its end it includes this run's own threads
-    busy_start = start is not None and start > 0.5 * cores + 0.5
-    busy_end = end is not None and end > cores + 0.5
-    if not (busy_start or busy_end):
+    if not ((start is not None and start > 0.5 * cores + 0.5) or (end is not None and end > cores + 0.5)):
         return None
     return (f"the machine was busy (1-minute load average {start} at the start, {end} at the end, "
             f"{cores} cores): other processes competed for the CPU; rerun when it is idle before "
             "trusting CPU times")
 
-
-def _ceiling_line(c: dict) -> str:
-    from .report import ceilings_text
-
-    return ceilings_text({"ceilings": c})

@@ -27,27 +27,8 @@ Top level (all required)::
   wall_s          seconds the run took
   exit_code       0 all good, 1 a verification failure or an error
 
-A timing row (every key present; null where it does not apply)::
-
-  section         "op" or "model"
-  op              "add_relu", "add_relu_", "fused_conv2d" or "model"
-  case            a label: "32x256x56x56", "256 56x56 s1 N=32", "resnet50"
-  shape           input shape (conv: x; model: the image batch)
-  weight_shape, stride, padding, form ("bias_relu"/"residual" for conv, "throughput"/
-                  "latency" for models), net
-  dtype           "fp32", "fp16", "bf16";  memory_format "channels_last" or "contiguous"
-  device
-  provider        "eager", "torchvision", "compile", "conv-only", a backend ("cpu", "cuda",
-                  "triton", "aten"), "<backend>:inplace", "fused:<backend>"
-  kind            "ours" or "baseline";  backend: ours' backend name or null
-  eager_provider  the provider speedup_vs_eager is taken against
-  median_ms, p20_ms, p80_ms, reps     the timing (null when not timed)
-  bytes, flops    the fewest bytes moved / floating-point operations of the case (ops)
-  gbps, tflops, roofline_pct          achieved rates; % of the measured ceiling
-  speedup_vs_eager, speedup_vs_compile  baseline_ms / median_ms (> 1: faster than the baseline)
-  compile_s       torch.compile's compile time (compile rows)
-  images_per_s, max_rel_err           models: throughput; fused vs torchvision output error
-  status          "ok", "skipped", "missing", "error";  note: why / extra facts
+A timing row: ``Row`` below, with ``input_sets`` (op rows: OpRow) or ``images_per_s`` and
+``max_rel_err`` (model rows: ModelRow); every key present, null where it does not apply.
 """
 from __future__ import annotations
 
@@ -60,35 +41,35 @@ SCHEMA_VERSION = 1
 @dataclass
 class Row:
     """A timing row; the file holds ``dataclasses.asdict`` of an OpRow or a ModelRow."""
-    section: str
-    op: str
-    case: str
-    shape: list
-    dtype: str
-    memory_format: str
+    section: str  # "op" or "model"
+    op: str  # "add_relu", "add_relu_", "fused_conv2d" or "model"
+    case: str  # a label: "32x256x56x56", "256 56x56 s1 N=32", "resnet50"
+    shape: list  # input shape (conv: x; model: the image batch)
+    dtype: str  # "fp32", "fp16", "bf16"
+    memory_format: str  # "channels_last" or "contiguous"
     device: str
-    provider: str
-    kind: str
-    backend: Optional[str] = None
-    eager_provider: Optional[str] = "eager"
+    provider: str  # "eager", "torchvision", "compile", "conv-only", a backend, "<backend>:inplace", "fused:<backend>"
+    kind: str  # "ours" or "baseline"
+    backend: Optional[str] = None  # ours' backend name
+    eager_provider: Optional[str] = "eager"  # the provider speedup_vs_eager is taken against
     weight_shape: Optional[list] = None
     stride: Optional[int] = None
     padding: Optional[int] = None
-    form: Optional[str] = None
+    form: Optional[str] = None  # "bias_relu"/"residual" for conv, "throughput"/"latency" for models
     net: Optional[str] = None
-    bytes: Optional[float] = None
-    flops: Optional[float] = None
-    median_ms: Optional[float] = None
+    bytes: Optional[float] = None  # the bytes the row's form moves (roofline.form_bytes)
+    flops: Optional[float] = None  # floating-point operations of the case
+    median_ms: Optional[float] = None  # the timing (null when not timed)
     p20_ms: Optional[float] = None
     p80_ms: Optional[float] = None
     reps: int = 0
-    compile_s: Optional[float] = None
-    status: str = "ok"
-    note: str = ""
-    gbps: Optional[float] = None
+    compile_s: Optional[float] = None  # torch.compile's compile time (compile rows)
+    status: str = "ok"  # "ok", "skipped", "missing", "error"
+    note: str = ""  # why / extra facts
+    gbps: Optional[float] = None  # achieved rates, and % of the measured ceiling
     tflops: Optional[float] = None
     roofline_pct: Optional[float] = None
-    speedup_vs_eager: Optional[float] = None
+    speedup_vs_eager: Optional[float] = None  # baseline_ms / median_ms (> 1: faster than the baseline)
     speedup_vs_compile: Optional[float] = None
 
     def timed(self, t) -> None:
@@ -98,13 +79,13 @@ class Row:
 
 @dataclass
 class OpRow(Row):
-    input_sets: int = 1
+    input_sets: int = 1  # input sets rotated among (so that repeated calls do not measure the cache)
 
 
 @dataclass
 class ModelRow(Row):
     images_per_s: Optional[float] = None
-    max_rel_err: Optional[float] = None
+    max_rel_err: Optional[float] = None  # ours vs torchvision's output
 
 
 NUM = (int, float, type(None))
@@ -133,6 +114,7 @@ def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
             errors.append(f"{where}: missing key {k!r}")
         elif not isinstance(obj[k], typ) or (isinstance(obj[k], bool) and typ in (int, NUM)):
             errors.append(f"{where}.{k}: {type(obj[k]).__name__} is not {typ}")
+
 
 def validate(result: Any) -> List[str]:
     """The ways ``result`` breaks the schema (empty when it is valid)."""

@@ -1,37 +1,20 @@
-"""One spec per op: what verification, timing, the report and the plots loop over.
-
-An ``OpSpec`` gives an op family's title, the ops it covers, its case type (cases.py: shape,
-bytes, FLOPs), the providers timed side by side, the inputs of a timed case, and the
-verification cases with their float64 references. A new op is one more spec here.
-
-Timing providers:
-
-  add+ReLU   eager ``torch.relu(a + b)``; torchvision's in-place ``out += identity;
-             out = relu(out)`` (``add_``, ``relu_``); ``torch.compile`` of the eager function;
-             each of our backends, out of place (``add_relu``) and in place (``add_relu_``)
-  conv       eager ``relu(conv2d(x, w, b))`` (bias_relu form) or ``conv2d(x, w, b).add_(identity)
-             .relu_()`` (residual form: torchvision's ``out += identity; out = relu(out)`` with the
-             BatchNorm folded into the bias); ``conv-only``: conv2d alone, the floor the fused
-             epilogue is measured against; ``torch.compile`` of the eager function; each of our
-             backends through ``fused_conv2d``
-
-Verification cases:
-
-  add_relu, add_relu_   odd 4-D shapes, a 1-D odd length, both memory formats; NaN, +Inf, -Inf
-                        and Inf + -Inf planted in every case; inputs must come back unchanged
-                        (out of place) or x must be the result (in place)
-  fused_conv2d          C=3, odd sizes, strides 1 and 2, 1x1 and 3x3, with/without bias, residual
-                        and ReLU, both memory formats; a NaN/Inf case per layout
+"""One spec per op: what verification, timing, the report and the plots loop over. A new op is
+one more ``OpSpec`` here: its title, the ops it covers, its case type (cases.py: shape, bytes,
+FLOPs), the providers timed side by side (ours, and the baselines: eager PyTorch, torchvision's
+in-place pattern, conv2d alone, torch.compile), the inputs of a timed case, and its verification
+cases with their float64 references (odd shapes, both memory formats, NaN/+Inf/-Inf planted).
 """
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..timing import Rotation, synchronize
 from .cases import AddCase, ConvCase
 
 
@@ -45,6 +28,22 @@ class Provider:
     inplace: bool = False  # overwrites its first input
     compiled: bool = False  # torch.compile(fn) once per case
     eager_provider: Optional[str] = "eager"  # the row its "vs eager" speedup is taken against
+
+    def timed(self, sets: List[tuple], device: torch.device) -> Tuple[Callable[[], object], Optional[float]]:
+        """(the callable to time, torch.compile's seconds or None): its own copies of the inputs it
+        overwrites, compiled once (dynamic=False, after a dynamo reset), rotating among ``sets``."""
+        if self.inplace:
+            sets = [(s[0].clone(),) + tuple(s[1:]) for s in sets]
+        fn, compile_s = self.fn, None
+        if self.compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(self.fn, dynamic=False)
+            t0 = time.perf_counter()
+            fn(*sets[0])
+            synchronize(device)
+            compile_s = time.perf_counter() - t0
+        rot = Rotation(sets)
+        return (lambda: fn(*rot())), compile_s
 
 
 # A verification case: (op, label, memory format, run). run() makes the inputs, calls the op and

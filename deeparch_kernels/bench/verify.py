@@ -1,22 +1,14 @@
-"""Verification: every selected backend of every op (specs.py: each op's cases and float64
-references) on fresh random data, before anything is timed; whole models through
-deeparch_kernels.verify.
+"""Verification, before anything is timed: every selected backend of every op on the cases of its
+spec (specs.py: fresh random data, odd shapes, both layouts, NaN/+Inf/-Inf planted) against its
+float64 reference, then whole models through deeparch_kernels.verify.
 
-Outputs of out-of-place ops are poisoned: on CUDA the caching allocator is handed a block of the
-output's size filled with NaN bytes just before the call, so the op's output lands on NaN and any
-element it forgets to write shows up (on the CPU the error check on relu=False cases does that job).
-
-Error: ``testing.rel_err``, max |out - ref| / max |ref| over the elements where the reference is
-finite (stricter than the norm-wise error for a single wrong element). Tolerances:
-``testing.op_tolerance``: fp32 1e-5 (5e-3 for fp32 convolutions on CUDA while
-torch.backends.cudnn.allow_tf32 is on: TF32, as torch's own), fp16 and bf16 1e-2. Non-finite
-values must sit exactly where the reference has them (stock ATen/cuDNN convolutions may smear a
-NaN over a Winograd/FFT tile: for the "aten" and "reference" backends extra non-finite outputs
-are noted, not failed).
-
-Statuses (``testing.classify``): pass, fail (wrong numbers), error (raised), skip
-(BackendUnavailable: the backend refuses these inputs, with the reason), missing (no kernel
-registered for the device).
+A case checks the output's dtype, shape and layout, NaN/Inf exactly where the reference has them
+(for the stock "aten" and "reference" convolutions extra non-finite outputs, a NaN smeared over
+a Winograd/FFT tile, are noted, not failed), then ``testing.rel_err`` against
+``testing.op_tolerance`` (fp32 1e-5, 5e-3 for fp32 convolutions under TF32; fp16/bf16 1e-2). On
+CUDA the output is poisoned: the allocator is handed a NaN-filled block of its size just before
+the call, so an element the op forgets to write shows up. Statuses: pass, fail (wrong numbers),
+and ``testing.classify``'s error, skip (the backend refuses the inputs) and missing (no kernel).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Support for the pytest-benchmark suite in benchmarks/: the same cases and providers as
-``deeparch-bench``, sized for the device, and one helper that times a call correctly.
+"""Helpers of the pytest-benchmark suite in this folder (as tests/helpers.py for the tests): the
+same cases and providers as ``deeparch-bench`` (deeparch_kernels.bench.specs), sized for the
+device, and one helper that times a call correctly.
 
 Environment:
   DEEPARCH_BENCH_DEVICE          cpu / cuda (default: cuda when available)
@@ -16,18 +17,17 @@ clock gives the host time (launch and synchronisation included), the events of t
 the device time, stored in each benchmark's ``extra_info`` as ``device_median_ms`` /
 ``device_p20_ms`` / ``device_p80_ms``: read those for kernels under ~50 us.
 """
-from __future__ import annotations
-
 import os
 import time
 from typing import Callable, List, Optional
 
 import torch
 
-from ..testing import BENCH_MODELS
-from ..timing import Rotation, flush_buffer, last_level_cache_bytes, rotation_count, summarize, synchronize
-from .cases import AddCase, ConvCase, build_cases, dtype_name
-from .env import device_name, git_info, resolve_device
+from deeparch_kernels.testing import BENCH_MODELS
+from deeparch_kernels.timing import flush_buffer, last_level_cache_bytes, rotation_count, summarize, synchronize
+from deeparch_kernels.bench.cases import AddCase, ConvCase, build_cases, dtype_name
+from deeparch_kernels.bench.env import device_name, git_info, resolve_device
+from deeparch_kernels.bench.specs import SPECS
 
 DEVICE = resolve_device(os.environ.get("DEEPARCH_BENCH_DEVICE") or None)
 GPU = DEVICE.type == "cuda"
@@ -35,28 +35,20 @@ COMPILE = os.environ.get("DEEPARCH_BENCH_COMPILE", "1") != "0"
 COMPILE_MODELS = COMPILE and (GPU or os.environ.get("DEEPARCH_BENCH_COMPILE_MODELS", "0") == "1")
 
 # The CPU default: small enough for a couple of minutes on 2 cores, and the foundation bar.
-CPU_ADD = [AddCase((32, 256, 32, 32)), AddCase((32, 64, 56, 56)), AddCase((4, 64, 28, 28))]
-CPU_CONV = [ConvCase(1, C, H, H, C, 3, s, None, torch.float32, "channels_last", form, "resnet")
-            for C, H, s in [(64, 56, 1), (256, 14, 1), (128, 56, 2)] for form in ("bias_relu", "residual")]
+CPU_CASES = {"add_relu": [AddCase((32, 256, 32, 32)), AddCase((32, 64, 56, 56)), AddCase((4, 64, 28, 28))],
+             "fused_conv2d": [ConvCase(1, C, H, H, C, 3, s, None, torch.float32, "channels_last", form, "resnet")
+                              for C, H, s in [(64, 56, 1), (256, 14, 1), (128, 56, 2)]
+                              for form in ("bias_relu", "residual")]}
 
 
-def _cases():
-    spec = os.environ.get("DEEPARCH_BENCH_SHAPES")
-    if spec:
-        return build_cases([s.strip() for s in spec.split(",") if s.strip()], DEVICE.type)
-    if GPU:
-        return build_cases(["anchors"], "cuda")
-    return None
-
-
-def add_cases() -> List[AddCase]:
-    c = _cases()
-    return c.add if c is not None else CPU_ADD
-
-
-def conv_cases() -> List[ConvCase]:
-    c = _cases()
-    return c.conv if c is not None else CPU_CONV
+def cases(op: str) -> list:
+    """The cases of an op family (specs.SPECS key): DEEPARCH_BENCH_SHAPES, else the anchor table
+    on a GPU, else CPU_CASES."""
+    shapes = os.environ.get("DEEPARCH_BENCH_SHAPES")
+    if not shapes and not GPU:
+        return CPU_CASES[op]
+    cs = build_cases([s.strip() for s in (shapes or "anchors").split(",") if s.strip()], DEVICE.type)
+    return [c for c in cs.add + cs.conv if isinstance(c, SPECS[op].case_type)]
 
 
 def model_names() -> List[str]:
@@ -74,16 +66,31 @@ def our_backends() -> List[str]:
             if a.available and n != "reference" and not (n == "triton" and not GPU)]
 
 
-def add_case_id(c: AddCase) -> str:
-    return f"{c.label}-{dtype_name(c.dtype)}-{c.fmt}"
-
-
-def conv_case_id(c: ConvCase) -> str:
+def case_id(c) -> str:
+    if isinstance(c, AddCase):
+        return f"{c.label}-{dtype_name(c.dtype)}-{c.fmt}"
     return f"{c.C}-{c.K}-{c.H}x{c.W}-s{c.stride}-N{c.N}-{c.form}-{dtype_name(c.dtype)}-{c.memory_format}"
 
 
-def n_sets(case) -> int:
-    return rotation_count(case.bytes, last_level_cache_bytes(DEVICE))
+def providers(case) -> list:
+    """The providers of a case (specs.py), as deeparch-bench times them."""
+    spec = SPECS[case.op]
+    return spec.providers(case, our_backends(), spec.ops, COMPILE)
+
+
+def bench_case(benchmark, case, provider: str) -> None:
+    """One provider on one case: its inputs (rotated when one set fits in the cache), compiled
+    once for the compile provider, timed by bench_call."""
+    spec = SPECS[case.op]
+    prov = {p.name: p for p in providers(case)}[provider]
+    sets = spec.inputs(case, DEVICE, rotation_count(case.bytes, last_level_cache_bytes(DEVICE)))
+    fn, _ = prov.timed(sets, DEVICE)
+    conv = isinstance(case, ConvCase)
+    bench_call(benchmark, fn, group=f"{'conv' if conv else 'add_relu'} {case.label}" + (f" {case.form}" if conv else "")
+               + f" {dtype_name(case.dtype)} {case.memory_format if conv else case.fmt}",
+               extra={"provider": provider, "op": prov.op, "case": case.label, "form": case.form if conv else None,
+                      "dtype": dtype_name(case.dtype), "bytes": case.bytes, "flops": case.flops if conv else None,
+                      "input_sets": len(sets)})
 
 
 _ENV = None
@@ -137,16 +144,3 @@ def bench_call(benchmark, fn: Callable[[], object], *, group: str, extra: Option
     benchmark.extra_info.update(device_median_ms=t.median_ms, device_p20_ms=t.p20_ms, device_p80_ms=t.p80_ms,
                                 device_reps=t.reps)
 
-
-def compiled(fn: Callable, first_args: tuple) -> Callable:
-    """torch.compile(fn) for one case (dynamic=False, after a dynamo reset), compiled now."""
-    torch._dynamo.reset()
-    c = torch.compile(fn, dynamic=False)
-    c(*first_args)
-    synchronize(DEVICE)
-    return c
-
-
-def rotating(fn: Callable, sets: List[tuple]) -> Callable[[], object]:
-    rot = Rotation(sets)
-    return lambda: fn(*rot())
