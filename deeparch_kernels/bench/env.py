@@ -49,13 +49,10 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:  # the model name is more useful than "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
     except OSError:
-        pass
-    return name
+        return name
 
 
 def device_slug(device: torch.device) -> str:
@@ -72,13 +69,13 @@ def git_info(path: Optional[Path] = None) -> Dict[str, Any]:
     """The commit of the checkout this package runs from (None when not a git checkout)."""
     root = path or Path(__file__).resolve().parents[2]
     out: Dict[str, Any] = {"commit": None, "dirty": None}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5)
-        if commit.returncode == 0:
+        if (commit := git("rev-parse", "HEAD")).returncode == 0:
             out["commit"] = commit.stdout.strip()
-            st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                                capture_output=True, text=True, timeout=5)
+            st = git("status", "--porcelain", "-uno")
             out["dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass

@@ -19,7 +19,7 @@ import torch
 from ..testing import classify, reference_model, rel_err
 from ..timing import Budget, Timer, synchronize
 from .cases import dtype_name
-from .opbench import derive
+from .opbench import derive, time_rows
 from .schema import ModelRow
 
 log = logging.getLogger("deeparch_kernels.bench")
@@ -129,17 +129,13 @@ class ModelBench:
                 if not torch.isfinite(out).all():
                     r.note = "non-finite outputs"
             timed.append((r, m))
-        fns = {r.provider: (lambda m=m: m(x)) for r, m in timed if m is not None and r.status == "ok"}
+        rows = [r for r, _ in timed]
         with torch.inference_mode():
-            timings, errors = self.timer.many(fns)
-        for r, _ in timed:
-            if r.provider in errors:
-                r.status, r.note = classify(errors[r.provider])
-            elif r.provider in timings:
-                r.timed(timings[r.provider])
-                r.images_per_s = batch / (r.median_ms * 1e-3)
+            time_rows(self.timer, rows, {r.provider: (lambda m=m: m(x)) for r, m in timed
+                                         if m is not None and r.status == "ok"})
+        for r in rows:
+            r.images_per_s = batch / (r.median_ms * 1e-3) if r.median_ms else None
         if form == "throughput":
             torch._dynamo.reset()
-        rows = [r for r, _ in timed]
         derive(rows, {}, eager="torchvision")
         return rows

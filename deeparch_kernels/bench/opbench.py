@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -29,8 +29,10 @@ from .specs import SPECS, Provider
 log = logging.getLogger("deeparch_kernels.bench")
 
 
-def derive(rows: Sequence[Row], ceilings: dict, eager: str = "eager") -> None:
-    """Rates, % of the ceiling and speedups, once every provider of a case is timed."""
+def derive(rows: Sequence[Row], ceilings: dict, eager: str = "eager", cache_bytes: int = 0) -> None:
+    """Rates, % of the ceiling and speedups, once every provider of a case is timed. A row whose
+    input sets fit in ``cache_bytes`` (the last-level cache) gets no % of the streaming ceiling:
+    its data never leaves the cache, so it is not measured against memory bandwidth."""
     by = {r.provider: r for r in rows if r.median_ms}
     for r in rows:
         if not r.median_ms:
@@ -38,13 +40,24 @@ def derive(rows: Sequence[Row], ceilings: dict, eager: str = "eager") -> None:
         s = r.median_ms * 1e-3
         if r.bytes is not None:
             r.gbps = r.bytes / s / 1e9
-            r.roofline_pct = _pct(r.gbps, (ceilings.get("copy") or {}).get("gbps"))
+            if r.bytes * getattr(r, "input_sets", 1) > cache_bytes:
+                r.roofline_pct = _pct(r.gbps, (ceilings.get("copy") or {}).get("gbps"))
         if r.flops is not None:
             r.tflops = r.flops / s / 1e12
             r.roofline_pct = _pct(r.tflops, ((ceilings.get("matmul") or {}).get(r.dtype) or {}).get("tflops"))
         base = by.get(r.eager_provider or eager)
         r.speedup_vs_eager = base.median_ms / r.median_ms if base else None
         r.speedup_vs_compile = by["compile"].median_ms / r.median_ms if "compile" in by else None
+
+
+def time_rows(timer: Timer, rows: Sequence[Row], fns: Dict[str, Callable[[], object]]) -> None:
+    """Time ``fns`` side by side (Timer.many) and fill each row: its timing, or what it raised."""
+    timings, errors = timer.many(fns)
+    for r in rows:
+        if r.provider in errors:
+            r.status, r.note = classify(errors[r.provider])
+        elif r.provider in timings:
+            r.timed(timings[r.provider])
 
 
 def _pct(rate: Optional[float], ceiling: Optional[float]) -> Optional[float]:
@@ -114,15 +127,10 @@ class OpBench:
             elif (fn := self.prepare(prov, sets, row)) is not None:
                 fns[prov.name] = fn
             rows.append(row)
-        timings, errors = self.timer.many(fns)
-        for row in rows:
-            if row.provider in errors:
-                row.status, row.note = classify(errors[row.provider])
-            elif row.provider in timings:
-                row.timed(timings[row.provider])
+        time_rows(self.timer, rows, fns)
         if any(p.compiled for p in providers):
             torch._dynamo.reset()
-        derive(rows, self.ceilings)
+        derive(rows, self.ceilings, cache_bytes=self.cache_bytes)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return rows

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..testing import STATUSES
 from .specs import SPECS, family
 
 LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
@@ -135,27 +136,20 @@ def verification_text(result: dict, *, markdown: bool = False, limit: int = 30) 
     s = ver["summary"]
     head = (f"verification (seed {ver['seed']}, float64 reference): {s['pass']} passed, {s['fail']} failed, "
             f"{s['error']} errors, {s['skip']} skipped" + (f", {s['missing']} with no kernel" if s["missing"] else ""))
-    lines = [head]
     per: Dict[Tuple, List[dict]] = {}
     for c in ver["results"]:
         per.setdefault((c["op"], c["backend"], c["dtype"]), []).append(c)
-    body = []
-    for (op, b, dt), cs in per.items():
-        errs = [c["rel_err"] for c in cs if c["rel_err"] is not None]
-        st = {k: sum(c["status"] == k for c in cs) for k in ("pass", "fail", "error", "skip", "missing")}
-        body.append([op, b, dt, " ".join(f"{v} {k}" for k, v in st.items() if v),
-                     _f(max(errs) if errs else None, ".1e"), _f(cs[0]["tol"], "g")])
-    lines.append(table(["op", "backend", "dtype", "results", "max rel err", "tol"], body, markdown=markdown,
-                       right=(4, 5)))
+    body = [[*key, " ".join(f"{n} {k}" for k in STATUSES if (n := sum(c["status"] == k for c in cs))),
+             _f(max((c["rel_err"] for c in cs if c["rel_err"] is not None), default=None), ".1e"),
+             _f(cs[0]["tol"], "g")] for key, cs in per.items()]
     bad = [c for c in ver["results"] if c["status"] in ("fail", "error")]
-    for c in bad[:limit]:
-        lines.append(f"  {c['status'].upper()}: {c['op']} [{c['backend']}, {c['dtype']}, {c['memory_format']}] "
-                     f"{c['case']}: {c['message']}")
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more (see the JSON file)")
-    missing = {(c["op"], c["backend"]): c["message"] for c in ver["results"] if c["status"] in ("missing", "skip")}
-    for (op, b), msg in list(missing.items())[:limit]:
-        lines.append(f"  not run: {op} [{b}]: {msg}")
+    not_run = {(c["op"], c["backend"]): c["message"] for c in ver["results"] if c["status"] in ("missing", "skip")}
+    lines = [head, table(["op", "backend", "dtype", "results", "max rel err", "tol"], body, markdown=markdown,
+                         right=(4, 5))]
+    lines += [f"  {c['status'].upper()}: {c['op']} [{c['backend']}, {c['dtype']}, {c['memory_format']}] "
+              f"{c['case']}: {c['message']}" for c in bad[:limit]]
+    lines += [f"  ... and {len(bad) - limit} more (see the JSON file)"] if len(bad) > limit else []
+    lines += [f"  not run: {op} [{b}]: {msg}" for (op, b), msg in list(not_run.items())[:limit]]
     return ("\n\n" if markdown else "\n").join(lines)
 
 
@@ -202,14 +196,8 @@ def render(result: dict, *, markdown: bool = False) -> str:
         if result.get("ceilings"):
             parts.append(ceilings_text(result))
     rows = result.get("timings") or []
-    for t in op_tables(rows, markdown=markdown):
-        parts.append(t)
-    m = model_table(rows, markdown=markdown)
-    if m:
-        parts.append(m)
-    s = summary_table(rows, markdown=markdown)
-    if s:
-        parts.append(s)
+    parts += op_tables(rows, markdown=markdown)
+    parts += [t for t in (model_table(rows, markdown=markdown), summary_table(rows, markdown=markdown)) if t]
     excl = (result.get("auto") or {}).get("exclusions") or []
     if excl:
         parts.append(("## auto refused\n\n" if markdown else "auto refused:\n") + "\n".join(
@@ -222,8 +210,7 @@ def render(result: dict, *, markdown: bool = False) -> str:
 
 def result_stem(result: dict, out_dir: Path) -> Path:
     """<out>/<date>-<device slug>, with -2, -3... when that is taken."""
-    date = result["created"][:10]
-    base = f"{date}-{result['env']['device_slug']}"
+    base = f"{result['created'][:10]}-{result['env']['device_slug']}"
     stem, n = out_dir / base, 2
     while stem.with_suffix(".json").exists():
         stem = out_dir / f"{base}-{n}"

@@ -19,7 +19,7 @@ TFLOP/s over the matmul rate is a convolution's.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -35,34 +35,33 @@ def form_bytes(case, op: str, device: torch.device) -> int:
     return case.bytes
 
 
+def streaming_patterns(src: torch.Tensor, dst: torch.Tensor) -> Dict[str, Tuple[int, Callable]]:
+    """The ceiling's two patterns on ``src`` and ``dst``: {name: (bytes counted, call)}."""
+    nbytes = src.numel() * src.element_size()
+    return {"copy": ((3 if src.device.type == "cpu" else 2) * nbytes, lambda: dst.copy_(src)),
+            "update": (3 * nbytes, lambda: dst.add_(src))}
+
+
 def measure_copy(device: torch.device, timer: Timer, nbytes: Optional[int] = None) -> Dict:
     """The streaming ceiling: the faster of copy_ and add_ over ``nbytes`` buffers, in GB/s."""
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    n = nbytes // 4
-    src = torch.rand(n, device=device)
-    dst = torch.rand(n, device=device)
-    copy = (3 if device.type == "cpu" else 2) * n * 4, timer(lambda: dst.copy_(src)).median_ms
-    update = 3 * n * 4, timer(lambda: dst.add_(src)).median_ms
-    moved, ms = max(copy, update, key=lambda m: m[0] / m[1])
+    n = (nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))) // 4
+    patterns = streaming_patterns(torch.rand(n, device=device), torch.rand(n, device=device))
+    moved, ms = max(((b, timer(fn).median_ms) for b, fn in patterns.values()), key=lambda m: m[0] / m[1])
     return {"bytes": moved, "median_ms": ms, "gbps": moved / (ms * 1e-3) / 1e9}
 
 
 def measure_matmul(device: torch.device, dtype: torch.dtype, timer: Timer, n: Optional[int] = None) -> Dict:
-    if n is None:
-        n = 8192 if device.type == "cuda" else 2048
+    n = n or (8192 if device.type == "cuda" else 2048)
     tf32 = device.type == "cuda" and dtype == torch.float32 and conv_allows_tf32()
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = tf32 or old
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         t = timer(lambda: torch.mm(a, b))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    flops = 2 * n ** 3
     return {"n": n, "dtype": dtype_name(dtype), "tf32": tf32, "median_ms": t.median_ms,
-            "tflops": flops / (t.median_ms * 1e-3) / 1e12}
+            "tflops": 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12}
 
 
 def measure_gemm_as_conv(device: torch.device, dtype: torch.dtype, timer: Timer, n: int) -> Dict:
