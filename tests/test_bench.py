@@ -4,6 +4,7 @@ reports, plots, compare. CPU only, a few seconds."""
 import builtins
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -260,7 +261,10 @@ def test_no_add_relu_form_above_the_streaming_ceiling():
         pct = {p.name: 100 * roofline.form_bytes(case, p.op, CPU) / t[p.name].p80_ms / ceiling for p in provs}
         if pct and max(pct.values()) <= 100:
             return
-    pytest.fail(f"% of the streaming ceiling (row p80 vs ceiling p20) above 100: {pct}")
+    why = f"% of the streaming ceiling (row p80 vs ceiling p20) above 100: {pct}"
+    if os.getloadavg()[0] > (os.cpu_count() or 1):  # other processes hold the cores: no verdict
+        pytest.skip(f"the machine is busy (load {os.getloadavg()[0]:.1f}); {why}")
+    pytest.fail(why)
 
 
 def test_opbench_failing_provider_is_a_row():

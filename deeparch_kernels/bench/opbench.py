@@ -1,9 +1,6 @@
-"""Timing of the ops: each case's providers (specs.py) side by side on the same inputs.
-
-Each case draws fresh random inputs (never zeros) and rotates among several input sets when one
-set would fit in the last-level cache. torch.compile compiles once per case (``dynamic=False``,
-after ``torch._dynamo.reset()``); its compile time is recorded, not timed. In-place providers get
-their own copies of the inputs they overwrite.
+"""Timing of the ops: each case's providers (specs.py) side by side on fresh random inputs,
+rotated among several sets when one fits in the last-level cache; torch.compile once per case,
+its compile time recorded, not timed; in-place providers on their own copies (Provider.timed).
 
 Per row: median/p20/p80 ms; GB/s (the bytes the row's form moves, roofline.form_bytes) or
 TFLOP/s; % of the measured ceiling (streaming bandwidth for add+ReLU, matmul rate in the dtype
@@ -64,21 +61,6 @@ def _pct(rate: Optional[float], ceiling: Optional[float]) -> Optional[float]:
     return 100.0 * rate / ceiling if ceiling else None
 
 
-class CompileEstimate:
-    """A running estimate of one torch.compile's cost (the mean of the last three), to decide
-    whether the budget allows another."""
-
-    def __init__(self, first_guess_s: float):
-        self.first, self.samples = first_guess_s, []
-
-    def add(self, s: float) -> None:
-        self.samples.append(s)
-
-    def estimate(self) -> float:
-        recent = self.samples[-3:]
-        return sum(recent) / len(recent) if recent else self.first
-
-
 class OpBench:
     def __init__(self, device: torch.device, timer: Timer, ceilings: dict, budget: Budget, *,
                  backends: Sequence[str], ops: Sequence[str], compile_: bool, compile_reserve_s: float = 0.0):
@@ -86,12 +68,13 @@ class OpBench:
         self.backends, self.ops = list(backends), list(ops)
         self.compile = compile_
         self.reserve = compile_reserve_s
-        self.compile_cost = CompileEstimate(20.0 if device.type == "cpu" else 8.0)
+        self.compile_guess, self.compile_s = (20.0 if device.type == "cpu" else 8.0), []  # seconds
         self.notes: List[str] = []
         self.cache_bytes = last_level_cache_bytes(device)
 
     def _allow_compile(self) -> bool:
-        ok = self.budget.allows(self.compile_cost.estimate() + self.reserve)
+        recent = self.compile_s[-3:]  # one more torch.compile's cost: the mean of the last three
+        ok = self.budget.allows((sum(recent) / len(recent) if recent else self.compile_guess) + self.reserve)
         if not ok and not any("budget" in n for n in self.notes):
             self.notes.append("torch.compile skipped for later cases: the time budget (--budget) "
                               "would not cover another compile")
@@ -115,7 +98,7 @@ class OpBench:
             row.status, row.note = classify(e)
             return None
         if row.compile_s is not None:
-            self.compile_cost.add(row.compile_s)
+            self.compile_s.append(row.compile_s)
         return fn
 
     def run_case(self, case, providers: List[Provider], sets: List[tuple]) -> List[OpRow]:

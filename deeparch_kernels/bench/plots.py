@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from .report import groups
 from .specs import SPECS
 
-BACKEND_ORDER = ("cuda", "triton", "cpu", "aten", "reference", "auto")
+BACKEND_ORDER = ("cuda", "triton", "cpu", "aten", "reference", "auto", "cutlass")
 BASELINE_STYLE = {"compile": ("0.45", "//"), "conv-only": ("0.75", ".."), "torchvision": ("0.6", "xx"),
                   "eager": ("0.85", "")}
 

@@ -12,6 +12,9 @@ from ..testing import STATUSES
 from .specs import SPECS, family
 
 LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
+TIMING_NOTE = ("\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); %roof = achieved "
+               "GB/s over the measured streaming bandwidth (add+ReLU; bytes counted per form, see roofline.py; "
+               "none for cache-resident cases) or TFLOP/s over the measured matmul rate (conv).")
 
 
 def _f(v, fmt: str, none: str = "-") -> str:
@@ -167,34 +170,22 @@ def ceilings_text(result: dict) -> str:
 
 
 def header_text(result: dict) -> str:
-    e = result["env"]
-    git = e.get("git") or {}
+    e, git = result["env"], result["env"].get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
     return (f"deeparch-bench on {e['device']} ({e['device_name']}), torch {e['torch']}, triton {e.get('triton')}, "
             f"cuda {e.get('cuda')}, cudnn {e.get('cudnn')}, commit {commit}, {result['created']}")
 
 
 def render(result: dict, *, markdown: bool = False) -> str:
-    parts = []
+    timed = result.get("ceilings") is not None or result.get("timings")
     if markdown:
-        parts.append(f"# deeparch-bench: {result['env']['device_name']} ({result['env']['device']})")
-        parts.append(header_text(result))
-        parts.append("## backends\n\n" + backends_table(result, markdown=True))
-        parts.append("## verification\n\n" + verification_text(result, markdown=True))
-        if result.get("ceilings") is None and not result.get("timings"):
-            parts.append("## timing\n\nskipped (--no-bench)")
-        else:
-            parts.append("## timing\n\n" + ceilings_text(result)
-                         + "\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); "
-                           "%roof = achieved GB/s over the measured streaming bandwidth (add+ReLU; bytes "
-                           "counted per form, see roofline.py) or TFLOP/s over the measured matmul rate "
-                           "(conv).")
+        parts = [f"# deeparch-bench: {result['env']['device_name']} ({result['env']['device']})", header_text(result),
+                 "## backends\n\n" + backends_table(result, markdown=True),
+                 "## verification\n\n" + verification_text(result, markdown=True),
+                 "## timing\n\n" + (ceilings_text(result) + TIMING_NOTE if timed else "skipped (--no-bench)")]
     else:
-        parts.append(header_text(result))
-        parts.append("backends:\n" + backends_table(result))
-        parts.append(verification_text(result))
-        if result.get("ceilings"):
-            parts.append(ceilings_text(result))
+        parts = [header_text(result), "backends:\n" + backends_table(result), verification_text(result)]
+        parts += [ceilings_text(result)] if result.get("ceilings") else []
     rows = result.get("timings") or []
     parts += op_tables(rows, markdown=markdown)
     parts += [t for t in (model_table(rows, markdown=markdown), summary_table(rows, markdown=markdown)) if t]

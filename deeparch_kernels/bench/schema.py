@@ -7,18 +7,13 @@ Top level (all required)::
   created         ISO 8601 date-time with offset, e.g. "2026-11-27T01:30:00+00:00"
   argv            the command-line arguments (list of str)
   config          the resolved options (dict: device, ops, backends, dtypes, shapes, ...)
-  env             device, device_type, device_name, device_slug, torch, torchvision, triton,
-                  cuda, cudnn, python, platform, deeparch_kernels, extension (build info or
-                  null), git {commit, dirty}, cpu_threads, last_level_cache_bytes; on CUDA also
-                  gpu {name, capability, sm_count, memory_bytes, l2_bytes}, cudnn_benchmark,
-                  cudnn_allow_tf32, matmul_allow_tf32
+  env             what it was measured on (env.environment): device, device_name, versions,
+                  git {commit, dirty}, last_level_cache_bytes, on CUDA gpu {...}; loadavg_1min
   backends        {name: {available: bool, reason: str}} for cuda, triton, cpu, aten, reference
   ceilings        null (--no-bench) or {copy: {bytes, median_ms, gbps},
                   matmul: {dtype: {n, dtype, tf32, median_ms, tflops} or {error}}}
-  verification    null (--no-verify) or {seed, summary: {pass, fail, error, skip, missing},
-                  results: [{op, backend, dtype, case, memory_format, status, rel_err, tol, message}]}
-                  (op "add_relu", "add_relu_", "fused_conv2d", or "model" for a whole model vs
-                  torchvision; status pass, fail, error, skip or missing)
+  verification    null (--no-verify) or {seed, summary: {status: count}, results: [verify.Check]}
+                  (op "add_relu", "add_relu_", "fused_conv2d", or "model": a model vs torchvision)
   timings         list of rows (below); empty with --no-bench
   notes           list of str: what was skipped and why
   auto            (optional: files before it lack it) what backend="auto" chose in the run,
@@ -34,6 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional
+
+from ..testing import STATUSES as TESTING_STATUSES
+from .verify import Check
 
 SCHEMA_VERSION = 1
 
@@ -102,10 +100,8 @@ TOP_KEYS = {
 }
 ENV_KEYS = {"device": str, "device_type": str, "device_name": str, "device_slug": str, "torch": str,
             "python": str, "git": dict}
-CHECK_KEYS = {"op": str, "backend": str, "dtype": str, "case": str, "memory_format": str,
-              "status": str, "rel_err": NUM, "tol": NUM, "message": str}
+CHECK_KEYS = {f.name: _TYPES[f.type] for f in fields(Check)}
 STATUSES = {"ok", "skipped", "missing", "error"}
-CHECK_STATUSES = {"pass", "fail", "error", "skip", "missing"}
 
 
 def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
@@ -147,7 +143,7 @@ def validate(result: Any) -> List[str]:
             errors.append("verification.summary missing")
         for i, c in enumerate(ver.get("results") or []):
             _check(c, CHECK_KEYS, f"verification.results[{i}]", errors)
-            if c.get("status") not in CHECK_STATUSES:
+            if c.get("status") not in TESTING_STATUSES:
                 errors.append(f"verification.results[{i}].status {c.get('status')!r}")
     for i, r in enumerate(result.get("timings") or []):
         if not isinstance(r, dict):
