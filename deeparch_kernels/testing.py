@@ -42,12 +42,10 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor,
     exactly where expected has them, and ``|actual - expected| <= bound`` elsewhere."""
     if not isinstance(actual, torch.Tensor):
         return f"returned a {type(actual).__name__}, not a tensor"
-    if actual.shape != expected.shape:
-        return f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    if actual.dtype != expected.dtype:
-        return f"dtype {actual.dtype}, expected {expected.dtype}"
-    if actual.device != expected.device:
-        return f"device {actual.device}, expected {expected.device}"
+    for what, got, want in (("shape", tuple(actual.shape), tuple(expected.shape)),
+                            ("dtype", actual.dtype, expected.dtype), ("device", actual.device, expected.device)):
+        if got != want:
+            return f"{what} {got}, expected {want}"
     if expected.dim() == 4:
         for fmt in (torch.contiguous_format, torch.channels_last):
             other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
