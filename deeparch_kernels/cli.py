@@ -180,7 +180,8 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         notes.append("whole models are not torch.compiled on a CPU by default (minutes each): "
                      "--compile-models to include them")
 
-    reps, warmup, max_time, budget = (10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu else (30, 2, 1.0, 150.0)
+    reps, warmup, max_time, budget = ((10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu
+                                      else (30, 2, 1.0, 150.0))
     model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 1))
     return Config(
         device=device, ops=ops, models=models, dtypes=list(dict.fromkeys(a.dtypes)) if a.dtypes else None,

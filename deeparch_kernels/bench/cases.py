@@ -64,7 +64,7 @@ class AddCase:
     @property
     def bytes(self) -> int:
         """Fewest bytes moved: read a and b, write the output."""
-        return 3 * self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return 3 * self.numel * self.dtype.itemsize
 
     @property
     def fmt(self) -> str:
@@ -93,33 +93,24 @@ class ConvCase:
         return self.k // 2 if self.padding is None else self.padding
 
     @property
-    def out_hw(self) -> Tuple[int, int]:
-        p, s, k = self.pad, self.stride, self.k
-        return (self.H + 2 * p - k) // s + 1, (self.W + 2 * p - k) // s + 1
-
-    @property
     def out_shape(self) -> Tuple[int, int, int, int]:
-        return (self.N, self.K, *self.out_hw)
+        p, s, k = self.pad, self.stride, self.k
+        return self.N, self.K, (self.H + 2 * p - k) // s + 1, (self.W + 2 * p - k) // s + 1
 
     @property
     def flops(self) -> int:
-        Ho, Wo = self.out_hw
-        return 2 * self.N * self.K * self.C * self.k * self.k * Ho * Wo
+        return 2 * math.prod(self.out_shape) * self.C * self.k * self.k
 
     @property
     def bytes(self) -> int:
         """Fewest bytes moved: x, weight, bias (and residual) read once, the output written once."""
-        es = torch.empty((), dtype=self.dtype).element_size()
-        n = self.N * self.C * self.H * self.W + self.K * self.C * self.k * self.k + self.K
-        out = self.N * self.K * self.out_hw[0] * self.out_hw[1]
-        return es * (n + out * (2 if self.form == "residual" else 1))
+        n = math.prod(self.shape) + self.K * self.C * self.k * self.k + self.K
+        return self.dtype.itemsize * (n + math.prod(self.out_shape) * (2 if self.form == "residual" else 1))
 
     @property
     def label(self) -> str:
-        s = f"{self.C}->{self.K} {self.H}x{self.W}" if self.C != self.K else f"{self.C} {self.H}x{self.W}"
-        if self.k != 3:
-            s += f" k{self.k}"
-        return f"{s} s{self.stride} N={self.N}"
+        return (f"{self.C}->{self.K}" if self.C != self.K else f"{self.C}") + f" {self.H}x{self.W}" \
+            + (f" k{self.k}" if self.k != 3 else "") + f" s{self.stride} N={self.N}"
 
     @property
     def shape(self) -> Tuple[int, ...]:

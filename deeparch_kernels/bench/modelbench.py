@@ -38,10 +38,8 @@ class ModelBench:
                  latency: bool, compile_: bool, seed: int):
         self.device, self.timer, self.budget = device, timer, budget
         self.names, self.backends = list(names), list(backends)
-        self.dtype, self.batch, self.image = dtype, batch, image
+        self.dtype, self.batch, self.image, self.compile, self.seed = dtype, batch, image, compile_, seed
         self.latency = latency and batch != 1
-        self.compile = compile_
-        self.seed = seed
         self.notes: List[str] = ["models: ours built with deeparch_kernels.models from torchvision's weights"]
         self.compile_guess = 60.0 if device.type == "cuda" else 150.0
 
@@ -58,11 +56,9 @@ class ModelBench:
             return None
 
     def _compiled(self, row: ModelRow, tv: torch.nn.Module, x: torch.Tensor) -> Optional[Callable]:
-        if not self.compile:
-            row.status, row.note = "skipped", "model compile off (--no-compile, or CPU: --compile-models)"
-            return None
-        if not self.budget.allows(self.compile_guess):
-            row.status, row.note = "skipped", "time budget"
+        if not self.compile or not self.budget.allows(self.compile_guess):
+            row.status, row.note = "skipped", ("time budget" if self.compile else
+                                               "model compile off (--no-compile, or CPU: --compile-models)")
             return None
         torch._dynamo.reset()
         cm = torch.compile(tv)

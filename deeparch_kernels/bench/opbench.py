@@ -65,9 +65,7 @@ class OpBench:
     def __init__(self, device: torch.device, timer: Timer, ceilings: dict, budget: Budget, *,
                  backends: Sequence[str], ops: Sequence[str], compile_: bool, compile_reserve_s: float = 0.0):
         self.device, self.timer, self.ceilings, self.budget = device, timer, ceilings, budget
-        self.backends, self.ops = list(backends), list(ops)
-        self.compile = compile_
-        self.reserve = compile_reserve_s
+        self.backends, self.ops, self.compile, self.reserve = list(backends), list(ops), compile_, compile_reserve_s
         self.compile_guess, self.compile_s = (20.0 if device.type == "cpu" else 8.0), []  # seconds
         self.notes: List[str] = []
         self.cache_bytes = last_level_cache_bytes(device)

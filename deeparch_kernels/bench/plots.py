@@ -24,9 +24,7 @@ def _pyplot():
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt, None
+        return __import__("matplotlib.pyplot").pyplot, None
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken backend
         return None, f"matplotlib is not importable ({type(e).__name__}: {e}); pip install matplotlib for plots"
 
@@ -85,7 +83,8 @@ def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
     out: List[Path] = []
     rows = result.get("timings") or []
     dev = f"{result['env']['device_name']} ({result['env']['device']})"
-    by = {(r["case"], r["dtype"], r["memory_format"], r.get("form"), r["provider"]): r for r in rows if r.get("median_ms")}
+    by = {(r["case"], r["dtype"], r["memory_format"], r.get("form"), r["provider"]): r
+          for r in rows if r.get("median_ms")}
     value = _speedup(by)
     for spec in SPECS.values():
         panels = []
