@@ -114,37 +114,36 @@ def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
 
 def validate(result: Any) -> List[str]:
     """The ways ``result`` breaks the schema (empty when it is valid)."""
-    errors: List[str] = []
     if not isinstance(result, dict):
         return ["the result is not a JSON object"]
+    errors: List[str] = []
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            errors.append(why)
+
     _check(result, TOP_KEYS, "result", errors)
     auto = result.get("auto")
-    if auto is not None and not (isinstance(auto, dict) and isinstance(auto.get("choices"), list)
-                                 and isinstance(auto.get("exclusions"), list)):
-        errors.append("auto: expected {choices: list, exclusions: list}")
-    if result.get("schema_version") != SCHEMA_VERSION:
-        errors.append(f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    need(auto is None or (isinstance(auto, dict) and isinstance(auto.get("choices"), list)
+                          and isinstance(auto.get("exclusions"), list)),
+         "auto: expected {choices: list, exclusions: list}")
+    need(result.get("schema_version") == SCHEMA_VERSION,
+         f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     if isinstance(result.get("env"), dict):
         _check(result["env"], ENV_KEYS, "env", errors)
     for name, a in (result.get("backends") or {}).items():
-        if not isinstance(a, dict) or not isinstance(a.get("available"), bool) or not isinstance(a.get("reason"), str):
-            errors.append(f"backends.{name}: expected {{available: bool, reason: str}}")
-    ceil = result.get("ceilings")
-    if isinstance(ceil, dict):
-        if not isinstance(ceil.get("copy"), dict) or not isinstance(ceil["copy"].get("gbps"), (int, float)):
-            errors.append("ceilings.copy.gbps missing")
-        if not isinstance(ceil.get("matmul"), dict):
-            errors.append("ceilings.matmul missing")
-    ver = result.get("verification")
-    if isinstance(ver, dict):
-        if not isinstance(ver.get("seed"), int):
-            errors.append("verification.seed missing")
-        if not isinstance(ver.get("summary"), dict):
-            errors.append("verification.summary missing")
+        need(isinstance(a, dict) and isinstance(a.get("available"), bool) and isinstance(a.get("reason"), str),
+             f"backends.{name}: expected {{available: bool, reason: str}}")
+    if isinstance(ceil := result.get("ceilings"), dict):
+        need(isinstance(ceil.get("copy"), dict) and isinstance(ceil["copy"].get("gbps"), (int, float)),
+             "ceilings.copy.gbps missing")
+        need(isinstance(ceil.get("matmul"), dict), "ceilings.matmul missing")
+    if isinstance(ver := result.get("verification"), dict):
+        need(isinstance(ver.get("seed"), int), "verification.seed missing")
+        need(isinstance(ver.get("summary"), dict), "verification.summary missing")
         for i, c in enumerate(ver.get("results") or []):
             _check(c, CHECK_KEYS, f"verification.results[{i}]", errors)
-            if c.get("status") not in TESTING_STATUSES:
-                errors.append(f"verification.results[{i}].status {c.get('status')!r}")
+            need(c.get("status") in TESTING_STATUSES, f"verification.results[{i}].status {c.get('status')!r}")
     for i, r in enumerate(result.get("timings") or []):
         if not isinstance(r, dict):
             errors.append(f"timings[{i}] is not an object")
@@ -152,12 +151,9 @@ def validate(result: Any) -> List[str]:
         _check(r, ROW_KEYS, f"timings[{i}]", errors)
         if r.get("section") == "model":
             _check(r, MODEL_ROW_KEYS, f"timings[{i}]", errors)
-        elif r.get("section") != "op":
-            errors.append(f"timings[{i}].section {r.get('section')!r}")
-        if r.get("status") not in STATUSES:
-            errors.append(f"timings[{i}].status {r.get('status')!r}")
-        if r.get("kind") not in ("ours", "baseline"):
-            errors.append(f"timings[{i}].kind {r.get('kind')!r}")
-        if r.get("status") == "ok" and not isinstance(r.get("median_ms"), (int, float)):
-            errors.append(f"timings[{i}]: status ok without median_ms")
+        need(r.get("section") in ("op", "model"), f"timings[{i}].section {r.get('section')!r}")
+        need(r.get("status") in STATUSES, f"timings[{i}].status {r.get('status')!r}")
+        need(r.get("kind") in ("ours", "baseline"), f"timings[{i}].kind {r.get('kind')!r}")
+        need(r.get("status") != "ok" or isinstance(r.get("median_ms"), (int, float)),
+             f"timings[{i}]: status ok without median_ms")
     return errors
