@@ -1,16 +1,11 @@
-"""``deeparch-bench`` / ``python -m deeparch_kernels``: the main job.
+"""``deeparch-bench`` / ``python -m deeparch_kernels``: the main job (benchmarks/README.md).
 
-With no arguments, on the device present (the GPU when CUDA is available, else the CPU): prints
-which backends are available, and why not; verifies every available backend of every op against
-a float64 reference and our models against torchvision's; times each backend against eager
-PyTorch and torch.compile, and whole models (VGG16, ResNet-18, ResNet-50); prints the table and
-writes <date>-<device>.json, .md and PNG plots under --out (benchmarks/README.md).
-
-Device defaults: on a GPU, verification in fp32, fp16 and bf16, timing on the anchor table, models
-at batch 64 fp16 through backend="auto", a soft 225 s budget (the slot of scripts/gpu_check.sh:
-past it compile baselines, then cases, are dropped, noted). On a CPU, fp32 channels_last, conv
-layers at batch 1, add+ReLU up to 32x256x56x56 (the 8.4M-element foundation bar), models at batch
-1 not compiled (--compile-models), a 150 s budget, Triton verified on tiny shapes only.
+With no arguments, on the device present (the GPU when CUDA is available, else the CPU): which
+backends are available and why not; every backend of every op verified against a float64
+reference and our models against torchvision's; each backend timed against eager PyTorch and
+torch.compile, and whole models; the table printed and <date>-<device>.json, .md and PNG plots
+written under --out. The device's defaults are in ``--help``; on a GPU a soft 225 s budget fits
+the slot of scripts/gpu_check.sh (past it compile baselines, then cases, are dropped, noted).
 
 Exit status: 0 when everything verified and ran, 1 when a check failed or a backend raised, 2 for
 bad arguments. Subcommands: compare, plot, cache, lesson (``deeparch-bench lesson --help``).

@@ -1,23 +1,8 @@
 """The cases a run verifies and times: the anchor table's shapes (/work/shared/anchors/README.md,
-mirrored here), named subsets of them, and explicit shapes given on the command line.
-
-Shape specs (``--shapes``, comma-separated, mixable):
-
-  anchors   every conv and add+ReLU shape of the anchor table (the GPU default): conv3x3 layers
-            of VGG16 and ResNet at N=32 (fp16, channels_last), the two N=1 rows, the two fp32
-            NCHW rows; the add+ReLU rows with their dtypes
-  vgg       VGG16's 3x3 conv layers;  resnet: ResNet's 3x3 conv layers;  conv: both
-  add       the add+ReLU shapes of the anchor table
-  cpu       the CPU default: the conv layers (batch 1 unless --batch), the add+ReLU shapes that
-            fit a CPU run in fp32, and 32x256x32x32 (8.4M elements, the foundation bar: our C++
-            add+ReLU >= 1.5x eager relu(a+b) for >= 8M-element fp32 tensors)
-  tiny      small odd shapes for --quick and tests (seconds on a CPU)
-  conv:CxHxS[xK[xk]]   one conv: C in, K out (default C), HxH input, stride S, kxk (default 3),
-                       e.g. conv:64x56x1, conv:3x224x2x64x7 (ResNet's stem)
-  add:AxBxCxD          one add+ReLU shape (any number of dims)
-
-Conv forms: "bias_relu" (relu(conv(x, w) + b)) for every conv shape, and "residual"
-(relu(conv(x, w) + b + identity), ResNet's second conv of a block) for ResNet and explicit shapes.
+mirrored here), named subsets of them, and explicit shapes given on the command line (``--shapes``:
+the specs are listed in benchmarks/README.md). Conv forms: "bias_relu" (relu(conv(x, w) + b)) for
+every conv shape, and "residual" (relu(conv(x, w) + b + identity), ResNet's second conv of a
+block) for ResNet and explicit shapes.
 """
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """Whole models: VGG16, ResNet-18, ResNet-50 (inference), torchvision eager vs torch.compile vs
 ours, images/s at the throughput batch and latency at batch 1.
 
-Ours is ``deeparch_kernels.models.<name>(weights=<torchvision's state_dict>, backend=...)``
-(verify.fused_model): torchvision's weights, so ours' output is compared with torchvision's (max
-relative error, recorded per row). Models get random weights (no download) and randomised
-BatchNorm statistics (testing.reference_model), so that folding BatchNorm into the convolutions
-is exercised; inputs are random images.
+Ours is ``deeparch_kernels.models.<name>`` built from torchvision's weights (verify.fused_model),
+so its output is compared with torchvision's (max_rel_err per row). Models get random weights
+and randomised BatchNorm statistics (testing.reference_model); inputs are random images.
 """
 from __future__ import annotations
 

@@ -2,10 +2,9 @@
 rotated among several sets when one fits in the last-level cache; torch.compile once per case,
 its compile time recorded, not timed; in-place providers on their own copies (Provider.timed).
 
-Per row: median/p20/p80 ms; GB/s (the bytes the row's form moves, roofline.form_bytes) or
-TFLOP/s; % of the measured ceiling (streaming bandwidth for add+ReLU, matmul rate in the dtype
-for conv); speedup vs eager (eager_ms / ms; in-place rows are compared with torchvision's
-in-place pattern) and vs torch.compile (compile_ms / ms). Above 1 means faster than that baseline.
+Per row (schema.OpRow): median/p20/p80 ms; GB/s or TFLOP/s and % of the measured ceiling
+(roofline.py); speedups vs eager (in-place rows: vs torchvision's in-place pattern) and vs
+torch.compile, baseline ms / ms (> 1: faster).
 """
 from __future__ import annotations
 

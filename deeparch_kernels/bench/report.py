@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..testing import STATUSES
-from .specs import SPECS, family
+from .specs import FAMILY, SPECS
 
 LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
 TIMING_NOTE = ("\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); %roof = achieved "
@@ -40,7 +40,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
 
 
 def _group_key(r: dict) -> Tuple:
-    spec = family(r["op"])
+    spec = FAMILY.get(r["op"])
     return (r["section"], spec.name if spec else r["op"], r["case"], r["dtype"], r["memory_format"], r.get("form"))
 
 
@@ -85,7 +85,7 @@ def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
     for spec in SPECS.values():
         frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops]
         if frows:
-            out.append(_section(spec.title, _timing_table(frows, _op_lead, (spec.rate, spec.rate_key, ".3g"),
+            out.append(_section(spec.title, _timing_table(frows, _op_lead, (*spec.rate, ".3g"),
                                                           markdown), markdown))
     return out
 

@@ -121,7 +121,9 @@ def run(cfg: Config) -> dict:
         log.info("measuring the ceilings (streaming bandwidth, matmul rate)")
         ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
         log.info(ceilings_text({"ceilings": ceilings}))
-        reserve = _model_reserve(cfg) if cfg.models else 0.0
+        # what the op timing leaves for the models' eager and fused timings (compiling whole
+        # models is not reserved for: it is the first thing the budget drops)
+        reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * len(cfg.models)
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
                      compile_=cfg.compile, compile_reserve_s=reserve)
         timings += ob.run(cases.add + cases.conv)
@@ -159,13 +161,6 @@ def run(cfg: Config) -> dict:
                 config=cfg.as_json(), env=environment, backends=avail, ceilings=ceilings, verification=verification,
                 timings=timings, notes=notes, auto=auto, wall_s=time.perf_counter() - t_start,
                 exit_code=1 if failed else 0)
-
-
-def _model_reserve(cfg: Config) -> float:
-    """Seconds the op timing leaves for the models: their eager and fused timings. Compiling
-    whole models is not reserved for: it is the first thing the budget drops."""
-    per = 8.0 if cfg.quick else (12.0 if cfg.device.type == "cpu" else 10.0)
-    return per * len(cfg.models)
 
 
 def _loadavg() -> Optional[float]:

@@ -93,11 +93,9 @@ _TYPES = {"str": str, "int": int, "list": list, "Optional[str]": (str, type(None
 ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(Row) if f.name not in ("weight_shape", "stride", "padding", "net")}
 MODEL_ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(ModelRow)[len(fields(Row)):]}
 
-TOP_KEYS = {
-    "schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
-    "backends": dict, "ceilings": (dict, type(None)), "verification": (dict, type(None)),
-    "timings": list, "notes": list, "wall_s": (int, float), "exit_code": int,
-}
+TOP_KEYS = {"schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
+            "backends": dict, "ceilings": (dict, type(None)), "verification": (dict, type(None)), "timings": list,
+            "notes": list, "wall_s": (int, float), "exit_code": int}
 ENV_KEYS = {"device": str, "device_type": str, "device_name": str, "device_slug": str, "torch": str,
             "python": str, "git": dict}
 CHECK_KEYS = {f.name: _TYPES[f.type] for f in fields(Check)}

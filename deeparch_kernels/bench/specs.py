@@ -58,14 +58,10 @@ class OpSpec:
     ops: Tuple[str, ...]
     title: str
     case_type: type
-    rate: str  # the report's rate column: "GB/s" (over the copy ceiling) or "TFLOP/s" (matmul)
+    rate: Tuple[str, str]  # the report's rate column and its row key: GB/s, or TFLOP/s of the matmul ceiling
     providers: Callable[..., List[Provider]]  # (case, backends, ops, compile_)
     inputs: Callable[..., List[tuple]]  # (case, device, n_sets): the timed input sets
     verify_cases: Callable[..., Iterator[VerifyCase]]  # (verifier, backend, dtype)
-
-    @property
-    def rate_key(self) -> str:
-        return "gbps" if self.rate == "GB/s" else "tflops"
 
 
 def _randn(shape, dtype, device, fmt="contiguous", scale=1.0, gen=None) -> torch.Tensor:
@@ -274,14 +270,12 @@ def conv_verify_cases(v, backend: str, dt: torch.dtype) -> Iterator[VerifyCase]:
 
 
 SPECS: Dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("add_relu", ("add_relu", "add_relu_"), "residual add + ReLU", AddCase, "GB/s",
+    OpSpec("add_relu", ("add_relu", "add_relu_"), "residual add + ReLU", AddCase, ("GB/s", "gbps"),
            add_providers, add_inputs, add_verify_cases),
-    OpSpec("fused_conv2d", ("fused_conv2d",), "conv3x3 + bias (+ residual) + ReLU", ConvCase, "TFLOP/s",
+    OpSpec("fused_conv2d", ("fused_conv2d",), "conv3x3 + bias (+ residual) + ReLU", ConvCase, ("TFLOP/s", "tflops"),
            conv_providers, conv_inputs, conv_verify_cases),
 )}
 OPS: Tuple[str, ...] = tuple(op for s in SPECS.values() for op in s.ops)
 
 
-def family(op: str) -> Optional[OpSpec]:
-    """The spec covering ``op`` (None for "model" rows)."""
-    return next((s for s in SPECS.values() if op in s.ops), None)
+FAMILY: Dict[str, OpSpec] = {op: s for s in SPECS.values() for op in s.ops}  # op -> its spec
