@@ -276,10 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if cfg.progress else logging.ERROR)
     try:
-        log.info(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; "
-                 f"models {','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; "
-                 f"compile {'on' if cfg.compile else 'off'}"
-                 f"{'' if cfg.compile_models or not cfg.compile else ' (not for models)'}; budget {cfg.budget_s:.0f} s")
+        compile_ = ("on" if cfg.compile_models else "on (not for models)") if cfg.compile else "off"
+        log.info(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; models "
+                 f"{','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; compile {compile_}; "
+                 f"budget {cfg.budget_s:.0f} s")
         for n in cfg.notes:
             log.info(f"note: {n}")
         result = run(cfg)

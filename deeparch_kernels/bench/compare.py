@@ -16,8 +16,7 @@ def load(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read a result file ({e})") from None
-    errors = validate(data)
-    if errors:
+    if errors := validate(data):
         raise ValueError(f"{path}: not a valid deeparch-bench result: " + "; ".join(errors[:5]))
     return data
 

@@ -1,8 +1,5 @@
-"""What a result was measured on: device, library versions, git commit, date.
-
-Every stored result carries this block (STYLE.md: "GPU name and commit in every stored row"),
-so two files can be compared knowing whether they came from the same card and code.
-"""
+"""What a result was measured on: device, library versions, git commit, date (STYLE.md: "GPU
+name and commit in every stored row"), so that two files compare knowing their card and code."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -42,8 +42,7 @@ class ModelBench:
         self.compile_guess = 60.0 if device.type == "cuda" else 150.0
 
     def _first_call(self, row: ModelRow, model: Callable, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """One untimed call (compilation, autotuning, cuDNN's search): the output, or None with
-        the row marked."""
+        """One untimed call (compilation, autotuning, cuDNN's search): the output, or None, the row marked."""
         try:
             with torch.inference_mode():
                 out = model(x)

@@ -78,14 +78,11 @@ class OpBench:
         return ok
 
     def _row(self, case, prov: Provider, n_sets: int) -> OpRow:
-        conv = isinstance(case, ConvCase)
-        return OpRow(
-            "op", prov.op, case.label, list(case.shape), dtype_name(case.dtype),
-            case.memory_format if conv else case.fmt, str(self.device), prov.name, prov.kind, prov.backend,
-            prov.eager_provider, [case.K, case.C, case.k, case.k] if conv else None,
-            case.stride if conv else None, case.pad if conv else None, case.form if conv else None,
-            case.net if conv else None, form_bytes(case, prov.op, self.device), case.flops if conv else None,
-            input_sets=n_sets)
+        conv = dict(weight_shape=[case.K, case.C, case.k, case.k], stride=case.stride, padding=case.pad,
+                    form=case.form, net=case.net, flops=case.flops) if isinstance(case, ConvCase) else {}
+        return OpRow("op", prov.op, case.label, list(case.shape), dtype_name(case.dtype),
+                     case.memory_format if conv else case.fmt, str(self.device), prov.name, prov.kind, prov.backend,
+                     prov.eager_provider, bytes=form_bytes(case, prov.op, self.device), input_sets=n_sets, **conv)
 
     def prepare(self, prov: Provider, sets: List[tuple], row: Row) -> Optional[Callable[[], object]]:
         """The timed callable of a provider, or None with the row marked when making it fails."""

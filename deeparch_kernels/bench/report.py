@@ -27,10 +27,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
           right: Iterable[int] = ()) -> str:
     right = set(right)
     if markdown:
-        out = ["| " + " | ".join(headers) + " |",
-               "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
+        rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"
+        return "\n".join(["| " + " | ".join(headers) + " |", rule] + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells):

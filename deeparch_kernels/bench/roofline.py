@@ -1,21 +1,11 @@
-"""The device's two ceilings, measured once per run (METHOD.md: "datasheet rates are leads"),
-and the bytes each row's form is counted for against them:
+"""The device's two ceilings, measured once per run (METHOD.md: "datasheet rates are leads"):
+the streaming bandwidth (the better of ``dst.copy_(src)`` and the in-place ``dst.add_(src)``,
+stored as ``ceilings.copy``) for add+ReLU's GB/s, and the matmul rate in the dtype (TF32 where
+fp32 convolutions use it; on a CPU the better of BLAS and oneDNN) for convolutions' TFLOP/s.
 
-  streaming bandwidth   the better of a large device-to-device ``dst.copy_(src)`` and the
-                        in-place update ``dst.add_(src)`` (bytes read + bytes written; stored
-                        as ``ceilings.copy``)
-  matmul rate           a large square matmul in the dtype (fp32 on a GPU with TF32 when
-                        torch.backends.cudnn.allow_tf32 is on, since that is what fp32
-                        convolutions use); on a CPU the better of torch.mm (BLAS) and the same
-                        GEMM as a 1x1 convolution (oneDNN, which the convolutions use)
-
-Byte counts (``form_bytes``): inputs read once, the output written once. On a CPU a store to a
-line not in the cache first reads it (write-allocate): a copy or an out-of-place op also reads
-its output once, an in-place op writes back the lines it has just read. Both the ceiling and the
-rows count that read, so that no form can exceed 100% by moving bytes it is not counted for.
-
-Achieved GB/s over the streaming bandwidth is an add+ReLU's fraction of roofline; achieved
-TFLOP/s over the matmul rate is a convolution's.
+Bytes (``form_bytes``) are counted as the ceiling counts them: inputs read once, the output
+written once, and on a CPU the write-allocate read of an out-of-place output (an in-place form
+writes back lines it has just read), so that no form exceeds 100% by moving uncounted bytes.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def run(cfg: Config) -> dict:
                                     seed=cfg.seed, image_size=32 if cfg.quick else 64)
         log.info(f"verification took {time.perf_counter() - t0:.1f} s")
         summary = summarize(checks)
-        verification = {"seed": cfg.seed, "summary": summary, "results": [c.as_dict() for c in checks]}
+        verification = {"seed": cfg.seed, "summary": summary, "results": [asdict(c) for c in checks]}
         failed = bool(summary["fail"] or summary["error"])
 
     ceilings = None

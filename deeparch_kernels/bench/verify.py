@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -39,9 +39,6 @@ class Check:
     tol: Optional[float] = None
     message: str = ""
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def same_layout(shape, strides, expected) -> bool:
     """Strides equal where they mean something: dims of size > 1 of a non-empty tensor."""
@@ -55,10 +52,8 @@ def summarize(results: Sequence[Check]) -> dict:
 class Verifier:
     def __init__(self, device: torch.device, backends: Sequence[str], dtypes: Sequence[torch.dtype],
                  ops: Sequence[str], *, seed: int, quick: bool = False):
-        self.device = device
-        self.backends, self.dtypes, self.ops = list(backends), list(dtypes), list(ops)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.quick = quick
+        self.device, self.backends, self.dtypes, self.ops = device, list(backends), list(dtypes), list(ops)
+        self.gen, self.quick = torch.Generator().manual_seed(seed), quick
 
     def interp(self, backend: str) -> bool:
         """Triton on a CPU runs in its interpreter: tiny cases only."""
