@@ -140,7 +140,8 @@ def bench_call(benchmark, fn: Callable[[], object], *, group: str, extra: Option
 
     benchmark.pedantic(target, setup=flush, rounds=rounds, warmup_rounds=warmup,
                        iterations=1)
-    t = summarize([s.elapsed_time(e) for s, e in events[warmup:]])
-    benchmark.extra_info.update(device_median_ms=t.median_ms, device_p20_ms=t.p20_ms, device_p80_ms=t.p80_ms,
-                                device_reps=t.reps)
+    if len(events) > warmup:  # none with --benchmark-disable: the target ran once, untimed
+        t = summarize([s.elapsed_time(e) for s, e in events[warmup:]])
+        benchmark.extra_info.update(device_median_ms=t.median_ms, device_p20_ms=t.p20_ms, device_p80_ms=t.p80_ms,
+                                    device_reps=t.reps)
 
