@@ -118,7 +118,7 @@ class OpBench:
                 for c in cases if isinstance(c, spec.case_type)]
         out: List[dict] = []
         for i, (spec, case) in enumerate(todo, 1):
-            kind = spec.name if spec.name == "add_relu" else f"conv {case.form}"
+            kind = spec.name + (f" {case.form}" if isinstance(case, ConvCase) else "")
             head = f"[{i}/{len(todo)}] {kind} {case.label} {dtype_name(case.dtype)} {case.memory_format}"
             if self.budget.left() <= self.reserve and i > 1:
                 log.info(f"{head}: skipped (time budget spent)")
