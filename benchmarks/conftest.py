@@ -5,11 +5,11 @@ PyTorch, torchvision's pattern, torch.compile.
     python -m pytest benchmarks/ --benchmark-only                       # CPU: ~1-2 minutes
     python -m pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/$(date +%F)-cpu-pytest.json
 
-See benchmarks/README.md and deeparch_kernels/bench/suite.py (environment switches)."""
+See benchmarks/README.md and benchmarks/suite.py (environment switches)."""
 import pytest
 import torch
 
-from deeparch_kernels.bench import suite
+import suite
 
 
 def pytest_report_header(config):

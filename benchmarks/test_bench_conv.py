@@ -3,23 +3,12 @@
 table's VGG16/ResNet layers (GPU: fp16 channels_last, N=32) or ResNet layers at batch 1 (CPU)."""
 import pytest
 
-from deeparch_kernels.bench import suite
-from deeparch_kernels.bench.cases import dtype_name
-from deeparch_kernels.bench.opbench import conv_inputs, conv_providers
+import suite
 
-OURS = suite.our_backends()
-CASES = suite.conv_cases()
-NAMES = [p.name for p in conv_providers(CASES[0], OURS, suite.COMPILE)] if CASES else []
+CASES = suite.cases("fused_conv2d")
 
 
-@pytest.mark.parametrize("provider", NAMES)
-@pytest.mark.parametrize("case", CASES, ids=suite.conv_case_id)
+@pytest.mark.parametrize("provider", [p.name for p in suite.providers(CASES[0])] if CASES else [])
+@pytest.mark.parametrize("case", CASES, ids=suite.case_id)
 def test_conv(benchmark, case, provider):
-    prov = {p.name: p for p in conv_providers(case, OURS, suite.COMPILE)}[provider]
-    sets = conv_inputs(case, suite.DEVICE, suite.n_sets(case))
-    fn = suite.compiled(prov.fn, sets[0]) if prov.compiled else prov.fn
-    suite.bench_call(benchmark, suite.rotating(fn, sets),
-                     group=f"conv {case.label} {case.form} {dtype_name(case.dtype)} {case.memory_format}",
-                     extra={"provider": provider, "case": case.label, "form": case.form,
-                            "dtype": dtype_name(case.dtype), "flops": case.flops, "bytes": case.bytes,
-                            "input_sets": len(sets)})
+    suite.bench_case(benchmark, case, provider)

@@ -1,12 +1,12 @@
 """Whole models, inference: torchvision eager vs torch.compile vs ours (deeparch_kernels.models
-built from torchvision's weights, or deeparch_kernels.fuse on the torchvision model) — GPU: VGG16, ResNet-18, ResNet-50 at
-batch 64 fp16 channels_last; CPU: ResNet-18 at batch 1 fp32. Ours is skipped, with the reason,
-while neither fuse() nor the models package is there."""
+built from torchvision's weights) — GPU: VGG16, ResNet-18, ResNet-50 at batch 64 fp16
+channels_last; CPU: ResNet-18 at batch 1 fp32."""
 import pytest
 import torch
 
-from deeparch_kernels.bench import suite
-from deeparch_kernels.bench.modelbench import fused_builder, torchvision_model
+import suite
+from deeparch_kernels.bench.modelbench import build_fused
+from deeparch_kernels.testing import reference_model
 
 OURS = suite.our_backends()
 BATCH = 64 if suite.GPU else 1
@@ -20,21 +20,17 @@ PROVIDERS = ["torchvision"] + (["compile"] if suite.COMPILE_MODELS else []) + [f
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", suite.model_names())
 def test_model(benchmark, name, provider):
-    tv = torchvision_model(name, seed=0)
-    state_dict = {k: v.detach().clone() for k, v in tv.state_dict().items()}
-    tv = tv.to(device=suite.DEVICE, dtype=DTYPE, memory_format=torch.channels_last)
+    tv = reference_model(name, seed=0).eval()
+    place = dict(device=suite.DEVICE, dtype=DTYPE, memory_format=torch.channels_last)
     x = torch.randn(BATCH, 3, 224, 224, device=suite.DEVICE).to(DTYPE).contiguous(
         memory_format=torch.channels_last)
-    if provider == "torchvision":
-        model = tv
-    elif provider == "compile":
-        torch._dynamo.reset()
-        model = torch.compile(tv)
+    if provider.startswith("fused:"):
+        model = build_fused(tv, name, provider.split(":", 1)[1]).to(**place)
     else:
-        build, how = fused_builder()
-        if build is None:
-            pytest.skip(f"ours: {how}")
-        model = build(tv, name, provider.split(":", 1)[1], state_dict)
+        model = tv.to(**place)
+        if provider == "compile":
+            torch._dynamo.reset()
+            model = torch.compile(model)
     suite.bench_call(benchmark, lambda: model(x), group=f"model {name} batch {BATCH}",
                      extra={"provider": provider, "model": name, "batch": BATCH,
                             "images": BATCH}, max_time_s=2.0)

@@ -1,258 +1,218 @@
-"""``deeparch-bench`` / ``python -m deeparch_kernels``: the main job.
+"""``deeparch-bench`` / ``python -m deeparch_kernels``: the main job (benchmarks/README.md).
 
-With no arguments, on the device present (the GPU when CUDA is available, else the CPU):
+With no arguments, on the device present (the GPU when CUDA is available, else the CPU): which
+backends are available and why not; every backend of every op verified against a float64
+reference and our models against torchvision's; each backend timed against eager PyTorch and
+torch.compile, and whole models; the table printed and <date>-<device>.json, .md and PNG plots
+written under --out. The device's defaults are in ``--help``; on a GPU a soft 225 s budget fits
+the slot of scripts/gpu_check.sh (past it compile baselines, then cases, are dropped, noted).
 
-  1. prints which backends are available, and why not;
-  2. verifies every available backend of every op against a float64 reference, and our
-     models against torchvision's (deeparch_kernels.verify);
-  3. times each backend against eager PyTorch (ATen/cuDNN) and torch.compile on the anchor
-     shapes, and whole models (VGG16, ResNet-18, ResNet-50) when deeparch_kernels.fuse or
-     deeparch_kernels.models is there;
-  4. prints the table (times, speedups vs eager and vs compile, % of the measured roofline)
-     and writes <date>-<device>.json, .md and PNG plots (matplotlib permitting) under --out.
-
-Exit status: 0 when everything verified and ran, 1 when a check failed or a backend raised,
-2 for bad arguments. ``deeparch-bench compare A.json B.json`` puts two result files side by side;
-``deeparch-bench plot R.json`` redraws a result's plots; ``deeparch-bench lesson`` reproduces the
-lesson behind the library (3x3 stacks, degradation, gradient flow; see lesson.py).
-
-Device defaults:
-  GPU   verification in fp32, fp16, bf16; timing on the anchor table (fp16 channels_last, N=32,
-        the N=1 and fp32 NCHW rows); models at batch 64 fp16 plus batch-1 latency, ours through
-        backend="auto" (--backends for explicit ones); torch.compile
-        for every case and model; a soft time budget of 225 s for the run (it fits the ~4 minute
-        slot of scripts/gpu_check.sh: past it compile baselines, then cases, are dropped, noted)
-  CPU   verification in fp32; timing fp32 channels_last: conv layers at batch 1, add+ReLU up to
-        32x256x56x56 (incl. 8.4M elements, the foundation bar); models at batch 1; torch.compile
-        for ops but not for whole models (minutes each on a CPU: --compile-models); soft budget
-        150 s; Triton is never timed on a CPU (its interpreter is far too slow; under
-        TRITON_INTERPRET=1 it is verified on tiny shapes)
+Exit status: 0 when everything verified and ran, 1 when a check failed or a backend raised, 2 for
+bad arguments. Subcommands: compare, plot, cache, lesson (``deeparch-bench lesson --help``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-OP_ALIASES = {"add_relu": ["add_relu"], "add_relu_": ["add_relu_"], "fused_conv2d": ["fused_conv2d"],
-              "conv": ["fused_conv2d"], "add": ["add_relu", "add_relu_"],
-              "all": ["add_relu", "add_relu_", "fused_conv2d"], "none": []}
-MODEL_CHOICES = ("vgg16", "resnet18", "resnet50")
+from .backends import BACKENDS
+from .bench.cases import parse_dtype, parse_shape_spec
+from .bench.specs import OPS, SPECS
+from .testing import BENCH_MODELS
+
+# --ops: each op, a family ("add": add_relu and add_relu_; "conv"), "all", "none"
+OP_ALIASES = {**{op: [op] for op in OPS}, "conv": list(SPECS["fused_conv2d"].ops),
+              "add": list(SPECS["add_relu"].ops), "all": list(OPS), "none": []}
 
 
-def _split(value: str) -> List[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _listed(parse: Callable[[str], object]) -> Callable[[str], list]:
+    """An argparse type: a comma list, each item through ``parse`` (ValueError: the message)."""
+    def convert(value: str) -> list:
+        try:
+            return [parse(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the usage error exit (2) and a message naming the bad value."""
+def _one_of(allowed: Sequence[str], what: str) -> Callable[[str], list]:
+    def parse(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+        return v
+    return _listed(parse)
+
+
+def _positive(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"{v!r}: expected comma-separated positive integers")
+    return int(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = argparse.ArgumentParser(
         prog="deeparch-bench",
         description="Verify every available deeparch-kernels backend against a float64 reference, "
-                    "then time it against eager PyTorch and torch.compile (ops and whole models). "
-                    "Subcommands: 'compare A.json B.json', 'plot RESULT.json', 'cache [--clear]', "
-                    "'lesson' (the lesson behind the library reproduced: see 'lesson --help').",
+                    "then time it against eager PyTorch and torch.compile (ops and whole models).",
         epilog="Shapes: anchors, vgg, resnet, conv, add, cpu, tiny, conv:CxHxSTRIDE[xK[xKSIZE]], "
-               "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).",
-    )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--ops", default="all",
-                   help="comma list of add_relu, add_relu_, fused_conv2d (aliases: add, conv, all, none)")
-    p.add_argument("--models", default=None,
-                   help="comma list of vgg16, resnet18, resnet50, all or none (default: all; --quick: resnet18)")
-    p.add_argument("--dtypes", help="comma list of fp32, fp16, bf16, for verification and timing (default: "
-                                    "CPU fp32; GPU: verify fp32, fp16, bf16, time the anchor table's dtypes)")
-    p.add_argument("--shapes", help="comma list of shape sets or explicit shapes (default: anchors on "
-                                    "a GPU, cpu on a CPU, tiny with --quick)")
-    p.add_argument("--batch", help="conv batch sizes, comma list (default: 32 on a GPU, 1 on a CPU); "
-                                   "the largest is also the model batch unless --model-batch")
-    p.add_argument("--model-batch", type=int, help="model throughput batch (default 64 GPU, 1 CPU)")
-    p.add_argument("--image-size", type=int, help="model input size (default 224; --quick 64)")
-    p.add_argument("--backends", help="comma list of our backends to verify and time "
-                                      "(cuda, triton, cpu, aten, reference, auto; default: the available ones)")
-    p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
-                   help="layout for every timed case (default: the anchor table's, channels_last)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, ResNet-18 only: seconds")
-    p.add_argument("--no-verify", action="store_true", help="skip verification")
-    p.add_argument("--no-bench", action="store_true", help="skip timing (verification only)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    p.add_argument("--compile-models", action="store_true",
-                   help="also torch.compile whole models on a CPU (minutes each; on by default on a GPU)")
-    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 model latency rows")
-    p.add_argument("--out", default="deeparch-results", help="directory for the JSON, markdown and plots "
-                                                             "(default ./deeparch-results)")
-    p.add_argument("--no-save", action="store_true", help="print only; write no files")
-    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    p.add_argument("--reps", type=int, help="at most this many timed calls per provider (default 50 GPU, 30 CPU)")
-    p.add_argument("--warmup", type=int, help="untimed calls before timing (default 5 GPU, 2 CPU)")
-    p.add_argument("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
-    p.add_argument("--budget", type=float, help="soft time budget in seconds for the whole run: past "
-                                                "it, torch.compile baselines and then later cases are "
-                                                "dropped, with a note (default 225 GPU, 150 CPU, "
-                                                "60 --quick; 0: none)")
-    p.add_argument("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+               "add:AxBxCxD. Speedup = baseline ms / ms (> 1: faster).")
+    arg = p.add_argument
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    arg("--ops", default="all", type=_one_of(list(OP_ALIASES), "op"),
+        help="comma list of add_relu, add_relu_, fused_conv2d (aliases: add, conv, all, none)")
+    arg("--models", type=_one_of(list(BENCH_MODELS) + ["all", "none"], "model"),
+        help="comma list of vgg16, resnet18, resnet50, all or none (default: all; --quick: resnet18)")
+    arg("--dtypes", type=_listed(parse_dtype), help="comma list of fp32, fp16, bf16, for verification and "
+        "timing (default: CPU fp32; GPU: verify fp32, fp16, bf16, time the anchor table's dtypes)")
+    arg("--shapes", type=_listed(parse_shape_spec), help="comma list of shape sets or explicit shapes "
+        "(default: anchors on a GPU, cpu on a CPU, tiny with --quick)")
+    arg("--batch", type=_listed(_positive), help="conv batch sizes, comma list (default: 32 on a GPU, 1 on a "
+        "CPU); the largest is also the model batch unless --model-batch")
+    arg("--model-batch", type=int, help="model throughput batch (default 64 GPU, 1 CPU)")
+    arg("--image-size", type=int, help="model input size (default 224; --quick 64)")
+    arg("--backends", type=_one_of(list(BACKENDS) + ["auto"], "backend"), help="comma list of our backends "
+        "to verify and time (cuda, triton, cpu, aten, reference, auto; default: the available ones)")
+    arg("--memory-format", choices=("channels_last", "contiguous"),
+        help="layout for every timed case (default: the anchor table's, channels_last)")
+    arg("--quick", action="store_true", help="tiny shapes, few repetitions, ResNet-18 only: seconds")
+    arg("--no-verify", action="store_true", help="skip verification")
+    arg("--no-bench", action="store_true", help="skip timing (verification only)")
+    arg("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    arg("--compile-models", action="store_true",
+        help="also torch.compile whole models on a CPU (minutes each; on by default on a GPU)")
+    arg("--no-latency", action="store_true", help="skip the batch-1 model latency rows")
+    arg("--out", default="deeparch-results", help="directory for the JSON, markdown and plots "
+        "(default ./deeparch-results)")
+    arg("--no-save", action="store_true", help="print only; write no files")
+    arg("--no-plots", action="store_true", help="write no PNG plots")
+    arg("--reps", type=int, help="at most this many timed calls per provider (default 50 GPU, 30 CPU)")
+    arg("--warmup", type=int, help="untimed calls before timing (default 5 GPU, 2 CPU)")
+    arg("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
+    arg("--budget", type=float, help="soft time budget in seconds for the whole run: past it, "
+        "torch.compile baselines and then later cases are dropped, with a note (default 225 GPU, "
+        "150 CPU, 60 --quick; 0: none)")
+    arg("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
+    arg("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
+    c = sub.add_parser("compare", help="two result files side by side",
+                       description="Two result files side by side: same cases, ratio B/A of median "
+                                   "times (< 1: B is faster).")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.add_argument("--markdown", action="store_true", help="markdown tables")
+    c.set_defaults(main=_compare, parser=c)
+    c = sub.add_parser("plot", help="draw a result file's PNG plots", description="Draw a result file's PNG plots.")
+    c.add_argument("result", type=Path)
+    c.add_argument("--out", dest="plot_out", type=Path, help="directory (default: beside the result)")
+    c.set_defaults(main=_plot, parser=c)
+    c = sub.add_parser("cache", help="show (or --clear) backend='auto''s on-disk choices",
+                       description="backend='auto' remembers its choices (and the backends its check "
+                                   "refused) on disk, one file per machine and software versions, under "
+                                   "$DEEPARCH_CACHE_DIR (default ~/.cache/deeparch_kernels). Shows them.")
+    c.add_argument("--clear", action="store_true", help="delete the files (the next run checks and times again)")
+    c.set_defaults(main=_cache, parser=c)
+    # the lesson parses its own arguments (lesson.py): 'lesson --help'
+    sub.add_parser("lesson", add_help=False, help="the lesson behind the library reproduced (see 'lesson --help')")
     return p
 
 
-def _choose(parser, value: str, allowed: Sequence[str], what: str) -> List[str]:
-    out = []
-    for v in _split(value):
-        if v not in allowed:
-            parser.error(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
-        out.append(v)
-    return out
+def _given_or(v, default):
+    return default if v is None else v
 
 
 def parse_config(argv: Optional[Sequence[str]] = None):
-    """Parse arguments into a runner.Config (argparse exits with status 2 on bad values)."""
-    from .backends import BACKENDS, available_backends
-    from .bench.cases import parse_dtype, parse_shape_spec
-    from .bench.env import device_from_arg
-    from .bench.runner import Config
-
+    """Parse the main job's arguments into a runner.Config (argparse exits with status 2 on bad
+    values)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = parser.parse_args(argv)
+    return _config(parser, parser.parse_args(argv), argv)
+
+
+def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[str]):
+    from .backends import available_backends
+    from .bench.env import device_from_arg
+    from .bench.runner import Config
 
     try:
         device = device_from_arg(a.device)
     except ValueError as e:
         parser.error(str(e))
     gpu = device.type == "cuda"
-
-    ops: List[str] = []
-    for v in _choose(parser, a.ops, list(OP_ALIASES), "op"):
-        ops += [o for o in OP_ALIASES[v] if o not in ops]
-
-    if a.models is None:
-        models = ["resnet18"] if a.quick else list(MODEL_CHOICES)
-    else:
-        picked = _choose(parser, a.models, list(MODEL_CHOICES) + ["all", "none"], "model")
-        models = list(MODEL_CHOICES) if "all" in picked else [m for m in picked if m != "none"]
-
-    dtypes = None
-    if a.dtypes:
-        try:
-            dtypes = list(dict.fromkeys(parse_dtype(d) for d in _split(a.dtypes)))
-        except ValueError as e:
-            parser.error(str(e))
-
-    shapes = ["tiny"] if a.quick else (["anchors"] if gpu else ["cpu"])
-    if a.shapes:
-        try:
-            shapes = [parse_shape_spec(s) for s in _split(a.shapes)]
-        except ValueError as e:
-            parser.error(str(e))
-
-    batch = None
-    if a.batch:
-        try:
-            batch = [int(b) for b in _split(a.batch)]
-        except ValueError:
-            parser.error(f"--batch {a.batch!r}: expected comma-separated positive integers")
-        if not batch or min(batch) < 1:
-            parser.error(f"--batch {a.batch!r}: expected positive integers")
+    for flag, v, least in (("--reps", a.reps, 1), ("--warmup", a.warmup, 0), ("--model-batch", a.model_batch, 1),
+                           ("--image-size", a.image_size, 32)):
+        if v is not None and v < least:
+            parser.error(f"{flag} {v}: at least {least}" + (" (VGG16 pools five times)" if least == 32 else ""))
+    ops = list(dict.fromkeys(o for v in a.ops for o in OP_ALIASES[v]))
+    models = (["resnet18"] if a.quick else list(BENCH_MODELS)) if a.models is None else (
+        list(BENCH_MODELS) if "all" in a.models else [m for m in a.models if m != "none"])
 
     notes: List[str] = []
     avail = available_backends(device)
-    ours_default = [n for n, v in avail.items() if v.available]
     if a.backends:
-        chosen = _choose(parser, a.backends, list(BACKENDS) + ["auto"], "backend")
-        verify_b = chosen
-        for n in chosen:
-            if n != "auto" and not avail[n].available:
-                notes.append(f"backend {n!r} is not available on {device}: {avail[n].reason}")
-        bench_b = [n for n in chosen if n == "auto" or avail[n].available]
+        verify_b = a.backends
+        notes += [f"backend {n!r} is not available on {device}: {avail[n].reason}"
+                  for n in a.backends if n != "auto" and not avail[n].available]
+        bench_b = [n for n in a.backends if n == "auto" or avail[n].available]
     else:
-        verify_b = ours_default + ["auto"]
-        bench_b = [n for n in ours_default if n != "reference"]
+        verify_b = [n for n, v in avail.items() if v.available] + ["auto"]
+        bench_b = [n for n, v in avail.items() if v.available and n != "reference"]
     if not gpu and "triton" in bench_b:
         bench_b.remove("triton")
         notes.append("triton is not timed on a CPU: the interpreter (TRITON_INTERPRET=1) is far too "
                      "slow; it is verified on tiny shapes only")
     # Whole models: on a GPU, "auto" (what users get; every explicit backend would autotune its
     # Triton kernels for each layer shape again: minutes); on a CPU each of ours (cheap).
-    if a.backends:
-        model_b = [n for n in bench_b if n != "reference"]
-    else:
-        model_b = ["auto"] if gpu else [n for n in bench_b if n != "reference"]
-
+    model_b = ["auto"] if gpu and not a.backends else [n for n in bench_b if n != "reference"]
     compile_ = not a.no_compile
     compile_models = compile_ and (gpu or a.compile_models)
     if compile_ and not compile_models and models and not a.no_bench:
         notes.append("whole models are not torch.compiled on a CPU by default (minutes each): "
                      "--compile-models to include them")
 
-    for flag, v in (("--reps", a.reps), ("--warmup", a.warmup), ("--model-batch", a.model_batch),
-                    ("--image-size", a.image_size)):
-        if v is not None and v < (0 if flag == "--warmup" else 1):
-            parser.error(f"{flag} {v}: must be positive")
-    if a.image_size is not None and a.image_size < 32:
-        parser.error(f"--image-size {a.image_size}: at least 32 (VGG16 pools five times)")
-
-    if a.quick:
-        reps, warmup, max_time, budget = 10, 1, 0.2, 60.0
-    elif gpu:
-        reps, warmup, max_time, budget = 50, 5, 1.0, 225.0
-    else:
-        reps, warmup, max_time, budget = 30, 2, 1.0, 150.0
-    model_batch = a.model_batch or (max(batch) if batch else (8 if a.quick and gpu else (2 if a.quick else (64 if gpu else 1))))
-
-    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    reps, warmup, max_time, budget = ((10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu
+                                      else (30, 2, 1.0, 150.0))
+    model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 1))
     return Config(
-        device=device, ops=ops, models=models, shapes=shapes, dtypes=dtypes, batch=batch,
+        device=device, ops=ops, models=models, dtypes=list(dict.fromkeys(a.dtypes)) if a.dtypes else None,
+        shapes=a.shapes or (["tiny"] if a.quick else ["anchors"] if gpu else ["cpu"]), batch=a.batch or None,
         memory_format=a.memory_format, verify_backends=verify_b, bench_backends=bench_b,
         model_backends=model_b, quick=a.quick, verify=not a.no_verify, bench=not a.no_bench,
-        compile=compile_, compile_models=compile_models,
-        out=None if a.no_save else Path(a.out), plots=not a.no_plots,
-        reps=a.reps if a.reps is not None else reps, warmup=a.warmup if a.warmup is not None else warmup,
-        max_time_s=a.max_time if a.max_time is not None else max_time,
-        budget_s=a.budget if a.budget is not None else budget, seed=seed,
+        compile=compile_, compile_models=compile_models, out=None if a.no_save else Path(a.out),
+        plots=not a.no_plots, reps=_given_or(a.reps, reps), warmup=_given_or(a.warmup, warmup),
+        max_time_s=_given_or(a.max_time, max_time), budget_s=_given_or(a.budget, budget),
+        seed=_given_or(a.seed, int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF),
         image_size=a.image_size or (64 if a.quick else 224), model_batch=model_batch,
         latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
 
 
-def _compare_main(argv: Sequence[str]) -> int:
+def _compare(a: argparse.Namespace) -> int:
     from .bench.compare import compare, load
 
-    p = _Parser(prog="deeparch-bench compare",
-                description="Two result files side by side: same cases, ratio B/A of median times "
-                            "(< 1: B is faster).")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
-    p.add_argument("--markdown", action="store_true", help="markdown tables")
-    a = p.parse_args(list(argv))
     try:
         ra, rb = load(a.a), load(a.b)
     except ValueError as e:
-        p.error(str(e))
+        a.parser.error(str(e))
     sys.stdout.write(compare(ra, rb, markdown=a.markdown))
     return 0
 
 
-def _plot_main(argv: Sequence[str]) -> int:
+def _plot(a: argparse.Namespace) -> int:
     from .bench.compare import load
     from .bench.plots import draw
 
-    p = _Parser(prog="deeparch-bench plot", description="Draw a result file's PNG plots.")
-    p.add_argument("result", type=Path)
-    p.add_argument("--out", type=Path, help="directory (default: beside the result)")
-    a = p.parse_args(list(argv))
     try:
         r = load(a.result)
     except ValueError as e:
-        p.error(str(e))
-    stem = (a.out / a.result.stem) if a.out else a.result.with_suffix("")
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
+        a.parser.error(str(e))
+    stem = (a.plot_out / a.result.stem) if a.plot_out else a.result.with_suffix("")
+    if a.plot_out:
+        a.plot_out.mkdir(parents=True, exist_ok=True)
     paths, why = draw(r, stem)
     if why:
         print(f"plots skipped: {why}", file=sys.stderr)
@@ -262,15 +222,9 @@ def _plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cache_main(argv: Sequence[str]) -> int:
+def _cache(a: argparse.Namespace) -> int:
     from .backends import choice_cache
 
-    p = _Parser(prog="deeparch-bench cache",
-                description="backend='auto' remembers its choices (and the backends its check "
-                            "refused) on disk, one file per machine and software versions, under "
-                            "$DEEPARCH_CACHE_DIR (default ~/.cache/deeparch_kernels). Shows them.")
-    p.add_argument("--clear", action="store_true", help="delete the files (the next run checks and times again)")
-    a = p.parse_args(list(argv))
     d = choice_cache.directory()
     if d is None:
         print("the choice cache is off (DEEPARCH_CACHE_DIR=off)")
@@ -297,20 +251,18 @@ def _cache_main(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        if argv and argv[0] == "compare":
-            return _compare_main(argv[1:])
-        if argv and argv[0] == "plot":
-            return _plot_main(argv[1:])
-        if argv and argv[0] == "cache":
-            return _cache_main(argv[1:])
-        if argv and argv[0] == "lesson":
+        a, rest = parser.parse_known_args(argv)
+        if a.command == "lesson":
             from .lesson import main as lesson_main
-            return lesson_main(argv[1:])
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
-    try:
-        cfg = parse_config(argv)
+
+            return lesson_main(rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if a.command is not None:
+            return a.main(a)
+        cfg = _config(parser, a, argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
 
@@ -318,23 +270,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .bench.runner import run
 
     t0 = time.perf_counter()
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    log(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; "
-        f"models {','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; "
-        f"compile {'on' if cfg.compile else 'off'}{'' if cfg.compile_models or not cfg.compile else ' (not for models)'}; "
-        f"budget {cfg.budget_s:.0f} s")
-    for n in cfg.notes:
-        log(f"note: {n}")
-    result = run(cfg, log=log)
-    sys.stdout.write(report.render(result))
-    sys.stdout.flush()
-    if cfg.out is not None:
-        written = report.write(result, cfg.out, plots=cfg.plots)
-        log(f"wrote {written['json']} and {written['markdown']}"
-            + (f" and {len(written['plots'])} plots" if written["plots"] else ""))
-        if written["plots_skipped"]:
-            log(f"plots skipped: {written['plots_skipped']}")
-    log(f"done in {time.perf_counter() - t0:.1f} s, exit code {result['exit_code']}")
+    log = logging.getLogger("deeparch_kernels.bench")
+    handler = logging.StreamHandler(sys.stderr)  # progress lines, for this run (-q: none)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if cfg.progress else logging.ERROR)
+    try:
+        compile_ = ("on" if cfg.compile_models else "on (not for models)") if cfg.compile else "off"
+        log.info(f"deeparch-bench: device {cfg.device}, seed {cfg.seed}; ops {','.join(cfg.ops) or 'none'}; models "
+                 f"{','.join(cfg.models) or 'none'}; shapes {','.join(cfg.shapes)}; compile {compile_}; "
+                 f"budget {cfg.budget_s:.0f} s")
+        for n in cfg.notes:
+            log.info(f"note: {n}")
+        result = run(cfg)
+        sys.stdout.write(report.render(result))
+        sys.stdout.flush()
+        if cfg.out is not None:
+            written = report.write(result, cfg.out, plots=cfg.plots)
+            log.info(f"wrote {written['json']} and {written['markdown']}"
+                     + (f" and {len(written['plots'])} plots" if written["plots"] else ""))
+            if written["plots_skipped"]:
+                log.info(f"plots skipped: {written['plots_skipped']}")
+        log.info(f"done in {time.perf_counter() - t0:.1f} s, exit code {result['exit_code']}")
+    finally:
+        log.removeHandler(handler)
     return int(result["exit_code"])
 
 

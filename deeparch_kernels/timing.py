@@ -103,6 +103,12 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return best or (32 << 20)
 
 
+def flush_buffer(device: torch.device, nbytes: Optional[int] = None) -> torch.Tensor:
+    """A buffer larger than the GPU's L2: zeroing it between calls flushes the cache."""
+    nbytes = nbytes or max(256 << 20, 2 * last_level_cache_bytes(device))
+    return torch.empty(int(nbytes), dtype=torch.int8, device=device)
+
+
 class Timer:
     """Times callables on one device. ``warmup``: calls before timing; ``reps``: at most this many
     timed calls; ``min_reps``; ``max_time_s``: stop adding reps after this long."""
@@ -114,10 +120,7 @@ class Timer:
         self.reps = max(1, int(reps))
         self.min_reps = max(1, min(int(min_reps), self.reps))
         self.max_time_s = float(max_time_s)
-        self._flush = None
-        if device.type == "cuda":
-            nbytes = flush_bytes or max(256 << 20, 2 * last_level_cache_bytes(device))
-            self._flush = torch.empty(int(nbytes), dtype=torch.int8, device=device)
+        self._flush = flush_buffer(device, flush_bytes) if device.type == "cuda" else None
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
         if self.device.type == "cuda":

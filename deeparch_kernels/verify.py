@@ -8,8 +8,9 @@
                                    builder, or fuse()), and verifies them
   verify_models(names, ...)        the same for several builders (the CLI's entry point)
 
-Errors are ``max |out - ref| / max |ref|``, measured in float64. The reference is torchvision in
-float32 (TF32 off); the bounds are 1e-4 for float32 and 1e-2 for float16/bfloat16. For the half
+Errors are ``testing.rel_err`` (max |out - ref| / max |ref|, in float64). The reference is
+torchvision in float32 (TF32 off); the bounds are ``testing.MODEL_TOL``: 1e-4 for float32 and 1e-2
+for float16/bfloat16. For the half
 types torchvision's own error in that dtype is measured too, and a result also passes when it is
 at most twice that (the error of the dtype itself, which deep networks can exceed 1e-2 with).
 
@@ -28,33 +29,10 @@ from torch import nn
 
 from . import backends as _backends
 from ._precision import no_tf32
+from .testing import MODEL_NAMES, MODEL_TOL as TOL, classify, randomize_batchnorm, reference_model, rel_err
 
-__all__ = ["MODEL_NAMES", "TOL", "ModeResult", "VerifyResult", "verify", "verify_model",
-           "verify_models"]
-
-MODEL_NAMES: Tuple[str, ...] = (
-    "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-)
-
-TOL: Dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| (inf where shapes differ or out is not finite where ref is).
-    Computed in float32 (float64 for float64 tensors): half types convert exactly, and the
-    rounding of an fp32 difference is far below the 1e-4 bound."""
-    if out.shape != ref.shape:
-        return float("inf")
-    if ref.numel() == 0:
-        return 0.0
-    wide = torch.float64 if torch.float64 in (out.dtype, ref.dtype) else torch.float32
-    o, r = out.detach().to(wide), ref.detach().to(wide)
-    diff = torch.linalg.vector_norm(o - r, ord=float("inf")).item()
-    if diff != diff:  # NaN
-        return float("inf")
-    return diff / max(torch.linalg.vector_norm(r, ord=float("inf")).item(), 1e-30)
-
+__all__ = ["MODEL_NAMES", "TOL", "ModeResult", "VerifyResult", "randomize_batchnorm", "reference_model",
+           "verify", "verify_model", "verify_models"]
 
 @dataclass
 class ModeResult:
@@ -78,11 +56,17 @@ class VerifyResult:
     batch: int
     image_size: int
     modes: Dict[str, ModeResult] = field(default_factory=dict)
-    error: Optional[str] = None  # an exception that stopped the check
+    error: Optional[str] = None  # an exception that stopped the check, "Type: message"
+    error_status: Optional[str] = None  # what it means: testing.classify's skip, missing or error
 
     @property
     def passed(self) -> bool:
         return self.error is None and bool(self.modes) and all(m.passed for m in self.modes.values())
+
+    @property
+    def status(self) -> str:
+        """pass, fail, or error_status when an exception stopped the check."""
+        return self.error_status if self.error else ("pass" if self.passed else "fail")
 
     @property
     def max_rel_err(self) -> float:
@@ -217,29 +201,6 @@ def _resolved(device: torch.device, dtype: torch.dtype) -> List[str]:
     return sorted(picks)
 
 
-def randomize_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Give every BatchNorm2d non-default statistics and affine parameters (so that folding is
-    really tested); returns model."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
-
-
-def reference_model(name: str, *, seed: int = 0, num_classes: int = 1000) -> nn.Module:
-    """torchvision's ``name`` with random weights (seeded) and randomised BatchNorm, on the CPU."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-    return randomize_batchnorm(model, torch.Generator().manual_seed(seed))
-
-
 def fused_model(name: str, reference: nn.Module, *, backend: str = "auto",
                 via: str = "builder") -> nn.Module:
     """The fused model with ``reference``'s weights: ``deeparch_kernels.models.<name>(weights=
@@ -286,7 +247,7 @@ def verify_model(name: str, *, device: "str | torch.device" = "cpu", dtype: torc
         result = verify(fused, ref, x, modes=modes, tol=tol, lowp_reference=lowp, name=name,
                         backend=backend, seed=seed)
     except Exception as e:  # noqa: BLE001 - reported, so that one model does not stop a sweep
-        result.error = f"{type(e).__name__}: {e}"
+        result.error, result.error_status = f"{type(e).__name__}: {e}", classify(e)[0]
     return result
 
 

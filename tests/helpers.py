@@ -3,20 +3,11 @@ import os
 
 import torch
 
+# The one definition of an op's error against its float64 reference, and its bound per dtype.
+from deeparch_kernels.testing import OP_TOL as TOL, rel_err  # noqa: F401
+
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Relative-error bounds against a float64 reference, per dtype.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| over the finite reference values (0 for empty tensors)."""
-    finite = torch.isfinite(ref)
-    if not finite.any():
-        return 0.0
-    diff = (out.double() - ref.double())[finite].abs().max().item()
-    return diff / max(ref[finite].abs().max().item(), 1e-30)
 
 
 def assert_nonfinite_match(out: torch.Tensor, ref: torch.Tensor) -> None:

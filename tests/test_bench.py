@@ -4,12 +4,13 @@ reports, plots, compare. CPU only, a few seconds."""
 import builtins
 import json
 import math
+import os
 
 import pytest
 import torch
 
 import deeparch_kernels as dk
-from deeparch_kernels import timing
+from deeparch_kernels import testing, timing
 from deeparch_kernels.bench import cases, compare, env, opbench, plots, report, schema, verify
 from deeparch_kernels.bench.runner import Config, run
 
@@ -113,19 +114,20 @@ def test_bad_shape_specs(bad):
 def test_rel_err_and_nonfinite():
     ref = torch.tensor([1.0, 2.0, float("nan"), float("inf")], dtype=torch.float64)
     out = torch.tensor([1.0, 2.002, float("nan"), float("inf")])
-    assert verify.rel_err(out, ref) == pytest.approx(1e-3, rel=1e-3)
-    assert verify.nonfinite_mismatch(out, ref) is None
-    assert "NaN" in verify.nonfinite_mismatch(torch.tensor([1.0, 2, 0, float("inf")]), ref)
-    assert verify.nonfinite_mismatch(torch.tensor([float("nan"), 2, float("nan"), float("inf")]), ref,
-                                     allow_spread=True) is None
-    assert verify.rel_err(torch.tensor([float("nan"), 2.0]), torch.tensor([1.0, 2.0])) == math.inf
+    assert testing.rel_err(out, ref) == pytest.approx(1e-3, rel=1e-3)
+    assert testing.nonfinite_mismatch(out, ref) is None
+    assert "NaN" in testing.nonfinite_mismatch(torch.tensor([1.0, 2, 0, float("inf")]), ref)
+    assert testing.nonfinite_mismatch(torch.tensor([float("nan"), 2, float("nan"), float("inf")]), ref,
+                                      allow_spread=True) is None
+    assert testing.rel_err(torch.tensor([float("nan"), 2.0]), torch.tensor([1.0, 2.0])) == math.inf
+    assert testing.rel_err(torch.ones(2), torch.ones(3)) == math.inf
 
 
 def test_classify():
-    assert verify.classify(dk.BackendUnavailable("no"))[0] == "skip"
-    assert verify.classify(NotImplementedError("Could not run 'deeparch::x' with arguments from the 'CUDA' backend"))[0] == "missing"
-    assert verify.classify(ImportError("no module"))[0] == "missing"
-    assert verify.classify(ValueError("bad"))[0] == "error"
+    assert testing.classify(dk.BackendUnavailable("no"))[0] == "skip"
+    assert testing.classify(NotImplementedError("Could not run 'deeparch::x' with arguments from the 'CUDA' backend"))[0] == "missing"
+    assert testing.classify(ImportError("no module"))[0] == "missing"
+    assert testing.classify(ValueError("bad"))[0] == "error"
 
 
 def test_same_layout():
@@ -135,18 +137,27 @@ def test_same_layout():
     assert verify.same_layout((3, 1, 1, 1), (1, 1, 1, 1), (1, 3, 3, 3))  # size-1 dims: any
 
 
-def test_model_verification():
+def test_model_verification(monkeypatch):
     checks = verify.verify_models(CPU, ["resnet18"], ["cpu"], [torch.float32], seed=0, image_size=32)
     assert [(c.op, c.backend, c.status) for c in checks] == [("model", "cpu", "pass")]
     assert checks[0].rel_err < checks[0].tol
-    assert verify.classify_message("BackendUnavailable: no")[0] == "skip"
-    assert verify.classify_message("ModuleNotFoundError: x")[0] == "missing"
-    assert verify.classify_message("RuntimeError: boom")[0] == "error"
+    # an exception stopping a model's check comes back typed (VerifyResult.status), not as text
+    import importlib
+
+    dkv = importlib.import_module("deeparch_kernels.verify")
+    for exc, status in [(dk.BackendUnavailable("no"), "skip"), (ModuleNotFoundError("x"), "missing"),
+                        (RuntimeError("boom"), "error")]:
+        def fail(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(dkv, "fused_model", fail)
+        (c,) = verify.verify_models(CPU, ["resnet18"], ["cpu"], [torch.float32], seed=0, image_size=32)
+        assert c.status == status and c.rel_err is None and type(exc).__name__ in c.message
 
 
 def test_tolerances():
-    assert verify.tolerance("add_relu", torch.float32, CPU) == 1e-5
-    assert verify.tolerance("fused_conv2d", torch.bfloat16, CPU) == 1e-2
+    assert testing.op_tolerance("add_relu", torch.float32, CPU) == 1e-5
+    assert testing.op_tolerance("fused_conv2d", torch.bfloat16, CPU) == 1e-2
 
 
 def _verify(monkeypatch, name, fn, ops=("add_relu",)):
@@ -211,18 +222,49 @@ def test_opbench_rows_and_speedups():
                          {"copy": {"gbps": 10.0}, "matmul": {"fp32": {"tflops": 0.1}}}, timing.Budget(0),
                          backends=["cpu", "reference"], ops=["add_relu", "add_relu_", "fused_conv2d"],
                          compile_=False)
-    rows = ob.run([cases.AddCase((2, 8, 5, 5))], [cases.ConvCase(1, 4, 6, 6, 4, form="residual")])
+    rows = ob.run([cases.AddCase((2, 8, 5, 5)), cases.ConvCase(1, 4, 6, 6, 4, form="residual")])
     add = {r["provider"]: r for r in rows if r["op"].startswith("add_relu")}
     assert set(add) == {"eager", "torchvision", "cpu", "cpu:inplace", "reference", "reference:inplace"}
     assert add["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert add["cpu:inplace"]["eager_provider"] == "torchvision"
     r = add["cpu"]
     assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+    assert r["bytes"] == 4 * 2 * 8 * 5 * 5 * 4 and add["cpu:inplace"]["bytes"] == 3 * 2 * 8 * 5 * 5 * 4  # per form
+    assert r["roofline_pct"] is None  # cache-resident: not measured against memory bandwidth
+    ob.cache_bytes = 0
+    r = {r["provider"]: r for r in ob.run([cases.AddCase((2, 8, 5, 5))])}["cpu"]
     assert r["roofline_pct"] == pytest.approx(100 * r["gbps"] / 10.0)
     conv = {r["provider"]: r for r in rows if r["op"] == "fused_conv2d"}
     assert set(conv) == {"eager", "conv-only", "cpu", "reference"}
     assert conv["cpu"]["tflops"] and conv["cpu"]["roofline_pct"] == pytest.approx(100 * conv["cpu"]["tflops"] / 0.1)
     assert conv["cpu"]["speedup_vs_compile"] is None  # no compile row
+
+
+def test_no_add_relu_form_above_the_streaming_ceiling():
+    """Each add+ReLU form's bytes (roofline.form_bytes) over its time, against the streaming
+    ceiling's own patterns timed interleaved with the rows on tensors beyond the last-level cache
+    (so machine load falls on all alike): no form above 100%. (The in-place rows were counted
+    against a copy that paid a write-allocate read it was not counted for: 163-204%.)"""
+    from deeparch_kernels.bench import roofline, specs
+
+    case = cases.AddCase((8, 256, 64, 64))  # 33.5 MB a tensor
+    ((a, b),) = specs.add_inputs(case, CPU, 1)
+    patterns = roofline.streaming_patterns(a.clone(), b.clone())
+    ours = [n for n, av in dk.available_backends(CPU).items() if av.available and n in ("cpu", "aten")]
+    provs = specs.add_providers(case, ours, specs.OPS, False)
+    fns = {**{k: fn for k, (_, fn) in patterns.items()}, **{p.name: p.timed([(a, b)], CPU)[0] for p in provs}}
+    for attempt in range(3):  # a shared machine's load can favour one provider for a whole run
+        t, errors = timing.Timer(CPU, warmup=1, reps=15, min_reps=15, max_time_s=30).many(fns)
+        assert not errors, errors
+        # noise: a row fails when even its slow end (p80) beats the ceiling's fast end (p20)
+        ceiling = max(nbytes / t[k].p20_ms for k, (nbytes, _) in patterns.items())
+        pct = {p.name: 100 * roofline.form_bytes(case, p.op, CPU) / t[p.name].p80_ms / ceiling for p in provs}
+        if pct and max(pct.values()) <= 100:
+            return
+    why = f"% of the streaming ceiling (row p80 vs ceiling p20) above 100: {pct}"
+    if os.getloadavg()[0] > (os.cpu_count() or 1):  # other processes hold the cores: no verdict
+        pytest.skip(f"the machine is busy (load {os.getloadavg()[0]:.1f}); {why}")
+    pytest.fail(why)
 
 
 def test_opbench_failing_provider_is_a_row():
@@ -232,15 +274,16 @@ def test_opbench_failing_provider_is_a_row():
     def boom(a, b):
         raise ValueError("kaput")
 
-    row = ob.time_provider(opbench.Provider("x", "ours", "add_relu", boom), [(torch.ones(2), torch.ones(2))])
-    assert row["status"] == "error" and "kaput" in row["note"] and row["median_ms"] is None
+    (row,) = ob.run_case(cases.AddCase((2,)), [opbench.Provider("x", "ours", "add_relu", boom)],
+                         [(torch.ones(2), torch.ones(2))])
+    assert row.status == "error" and "kaput" in row.note and row.median_ms is None
 
 
 @pytest.mark.slow
 def test_compile_provider_compiles_once():
     ob = opbench.OpBench(CPU, timing.Timer(CPU, warmup=0, reps=3, max_time_s=0.01), {}, timing.Budget(0),
                          backends=[], ops=["add_relu"], compile_=True)
-    rows = ob.run([cases.AddCase((4, 8, 3, 3))], [])
+    rows = ob.run([cases.AddCase((4, 8, 3, 3))])
     c = {r["provider"]: r for r in rows}["compile"]
     assert c["status"] == "ok" and c["compile_s"] > 0 and c["speedup_vs_compile"] == pytest.approx(1.0)
 
@@ -248,7 +291,7 @@ def test_compile_provider_compiles_once():
 def test_opbench_budget_skips_compile():
     ob = opbench.OpBench(CPU, timing.Timer(CPU, warmup=0, reps=2), {}, timing.Budget(1e-9), backends=[],
                          ops=["add_relu"], compile_=True)
-    rows = ob.run([cases.AddCase((4, 8))], [])
+    rows = ob.run([cases.AddCase((4, 8))])
     assert {r["provider"]: r["status"] for r in rows}["compile"] == "skipped"
     assert any("budget" in n for n in ob.notes)
 
@@ -328,10 +371,9 @@ def test_device_slug(monkeypatch):
     assert env.device_slug(CPU) == "cpu"
 
 
-def test_models_section_reports_missing_api_cleanly():
-    from deeparch_kernels.bench.modelbench import ModelBench, fused_builder
+def test_models_section():
+    from deeparch_kernels.bench.modelbench import ModelBench
 
-    build, how = fused_builder()
     mb = ModelBench(CPU, timing.Timer(CPU, warmup=0, reps=2, min_reps=1, max_time_s=0.01), timing.Budget(0),
                     names=["resnet18"], backends=["cpu"], dtype=torch.float32, batch=1, image=32,
                     latency=False, compile_=False, seed=0)
@@ -339,17 +381,15 @@ def test_models_section_reports_missing_api_cleanly():
     by = {r["provider"]: r for r in rows}
     assert by["torchvision"]["status"] == "ok" and by["torchvision"]["images_per_s"] > 0
     assert by["compile"]["status"] == "skipped"
-    if build is None:
-        assert by["fused:cpu"]["status"] == "missing" and any("not available yet" in n for n in mb.notes)
-    else:
-        assert by["fused:cpu"]["status"] == "ok", by["fused:cpu"]["note"]
+    assert by["fused:cpu"]["status"] == "ok", by["fused:cpu"]["note"]
+    assert by["fused:cpu"]["max_rel_err"] < 1e-4 and by["fused:cpu"]["speedup_vs_eager"] > 0
 
 
 def test_models_section_with_a_fused_builder(monkeypatch):
-    """The fused path, with a stand-in for deeparch_kernels.fuse (identity: same outputs)."""
+    """The fused path, with a stand-in for our model (torchvision's itself: same outputs)."""
     from deeparch_kernels.bench import modelbench
 
-    monkeypatch.setattr(modelbench, "fused_builder", lambda: (lambda tv, name, b, sd: tv, "deeparch_kernels.fuse.fuse"))
+    monkeypatch.setattr(modelbench, "build_fused", lambda tv, name, b: tv)
     mb = modelbench.ModelBench(CPU, timing.Timer(CPU, warmup=0, reps=2, min_reps=1, max_time_s=0.01),
                                timing.Budget(0), names=["resnet18"], backends=["cpu"], dtype=torch.float32,
                                batch=2, image=32, latency=True, compile_=False, seed=0)

@@ -1,17 +1,15 @@
 """Benchmarking and verification behind ``deeparch-bench`` (deeparch_kernels.cli).
 
+  specs.py     one spec per op: providers, timed inputs, verification cases and references
   cases.py     the anchor table's shapes, named subsets, explicit shape specs
-  verify.py    every backend vs a float64 reference (fresh random data, poisoned outputs, NaN/Inf)
-  timing.py    Timer (CUDA events + L2 flush on GPU, perf_counter on CPU; median, p20, p80),
-               input rotation, the soft time budget
-  roofline.py  the measured ceilings: device copy bandwidth, matmul rate per dtype
-  opbench.py   add+ReLU and fused conv: our backends vs eager, torchvision's pattern, torch.compile
-  modelbench.py  VGG16 / ResNet-18 / ResNet-50: fused vs torchvision eager vs torch.compile
-  runner.py    one run -> the result dict;  schema.py: its schema and validator
-  report.py    console and markdown tables, file names;  plots.py: PNGs (matplotlib optional)
-  compare.py   two result files side by side
+  verify.py    every backend vs a float64 reference; models through deeparch_kernels.verify
+  roofline.py  the measured ceilings and the bytes each form is counted for
+  opbench.py   the ops' providers side by side;  modelbench.py: whole models
+  runner.py    one run -> the result dict;  schema.py: its rows, schema and validator
+  report.py    console and markdown tables;  plots.py: PNGs;  compare.py: two results side by side
+  env.py       what a result was measured on
 
-The pytest-benchmark suite in benchmarks/ times the same cases with the same providers.
+Timing itself is deeparch_kernels.timing; the pytest-benchmark suite is benchmarks/.
 """
 from .schema import SCHEMA_VERSION, validate
 

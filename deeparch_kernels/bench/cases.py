@@ -1,40 +1,22 @@
 """The cases a run verifies and times: the anchor table's shapes (/work/shared/anchors/README.md,
-mirrored here), named subsets of them, and explicit shapes given on the command line.
-
-Shape specs (``--shapes``, comma-separated, mixable):
-
-  anchors   every conv and add+ReLU shape of the anchor table (the GPU default): conv3x3 layers
-            of VGG16 and ResNet at N=32 (fp16, channels_last), the two N=1 rows, the two fp32
-            NCHW rows; the add+ReLU rows with their dtypes
-  vgg       VGG16's 3x3 conv layers;  resnet: ResNet's 3x3 conv layers;  conv: both
-  add       the add+ReLU shapes of the anchor table
-  cpu       the CPU default: the conv layers (batch 1 unless --batch), the add+ReLU shapes that
-            fit a CPU run in fp32, and 32x256x32x32 (8.4M elements, the foundation bar: our C++
-            add+ReLU >= 1.5x eager relu(a+b) for >= 8M-element fp32 tensors)
-  tiny      small odd shapes for --quick and tests (seconds on a CPU)
-  conv:CxHxS[xK[xk]]   one conv: C in, K out (default C), HxH input, stride S, kxk (default 3),
-                       e.g. conv:64x56x1, conv:3x224x2x64x7 (ResNet's stem)
-  add:AxBxCxD          one add+ReLU shape (any number of dims)
-
-Conv forms: "bias_relu" (relu(conv(x, w) + b)) for every conv shape, and "residual"
-(relu(conv(x, w) + b + identity), ResNet's second conv of a block) for ResNet and explicit shapes.
+mirrored here), named subsets of them, and explicit shapes given on the command line (``--shapes``:
+the specs are listed in benchmarks/README.md). Conv forms: "bias_relu" (relu(conv(x, w) + b)) for
+every conv shape, and "residual" (relu(conv(x, w) + b + identity), ResNet's second conv of a
+block) for ResNet and explicit shapes.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-DTYPES: Dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16",
-                                       torch.bfloat16: "bf16"}
-MEMORY_FORMATS = ("channels_last", "contiguous")
+DTYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES: Dict[str, torch.dtype] = {**{n: d for d, n in DTYPE_NAMES.items()}, "float32": torch.float32,
+                                  "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+                                  "bfloat16": torch.bfloat16}
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -58,10 +40,7 @@ class AddCase:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def label(self) -> str:
@@ -70,7 +49,7 @@ class AddCase:
     @property
     def bytes(self) -> int:
         """Fewest bytes moved: read a and b, write the output."""
-        return 3 * self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return 3 * self.numel * self.dtype.itemsize
 
     @property
     def fmt(self) -> str:
@@ -99,33 +78,24 @@ class ConvCase:
         return self.k // 2 if self.padding is None else self.padding
 
     @property
-    def out_hw(self) -> Tuple[int, int]:
-        p, s, k = self.pad, self.stride, self.k
-        return (self.H + 2 * p - k) // s + 1, (self.W + 2 * p - k) // s + 1
-
-    @property
     def out_shape(self) -> Tuple[int, int, int, int]:
-        return (self.N, self.K, *self.out_hw)
+        p, s, k = self.pad, self.stride, self.k
+        return self.N, self.K, (self.H + 2 * p - k) // s + 1, (self.W + 2 * p - k) // s + 1
 
     @property
     def flops(self) -> int:
-        Ho, Wo = self.out_hw
-        return 2 * self.N * self.K * self.C * self.k * self.k * Ho * Wo
+        return 2 * math.prod(self.out_shape) * self.C * self.k * self.k
 
     @property
     def bytes(self) -> int:
         """Fewest bytes moved: x, weight, bias (and residual) read once, the output written once."""
-        es = torch.empty((), dtype=self.dtype).element_size()
-        n = self.N * self.C * self.H * self.W + self.K * self.C * self.k * self.k + self.K
-        out = self.N * self.K * self.out_hw[0] * self.out_hw[1]
-        return es * (n + out * (2 if self.form == "residual" else 1))
+        n = math.prod(self.shape) + self.K * self.C * self.k * self.k + self.K
+        return self.dtype.itemsize * (n + math.prod(self.out_shape) * (2 if self.form == "residual" else 1))
 
     @property
     def label(self) -> str:
-        s = f"{self.C}->{self.K} {self.H}x{self.W}" if self.C != self.K else f"{self.C} {self.H}x{self.W}"
-        if self.k != 3:
-            s += f" k{self.k}"
-        return f"{s} s{self.stride} N={self.N}"
+        return (f"{self.C}->{self.K}" if self.C != self.K else f"{self.C}") + f" {self.H}x{self.W}" \
+            + (f" k{self.k}" if self.k != 3 else "") + f" s{self.stride} N={self.N}"
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -148,23 +118,10 @@ TINY_ADD = [(2, 64, 28, 28), (4, 32, 15, 17)]
 NAMED = ("anchors", "vgg", "resnet", "conv", "add", "cpu", "tiny")
 
 
-def _forms(net: str) -> List[str]:
-    return ["bias_relu"] if net == "vgg16" else ["bias_relu", "residual"]
-
-
 @dataclass
 class CaseSet:
     add: List[AddCase]
     conv: List[ConvCase]
-
-
-def _dedupe(items: Iterable) -> list:
-    seen, out = set(), []
-    for it in items:
-        if it not in seen:
-            seen.add(it)
-            out.append(it)
-    return out
 
 
 def parse_shape_spec(spec: str) -> str:
@@ -192,60 +149,47 @@ def build_cases(specs: Sequence[str], device_type: str, *, dtypes: Optional[Sequ
     dtypes/batches/layouts on the GPU; on the CPU everything is fp32, channels_last, batch 1 for
     convolutions. ``dtypes``/``batches``/``memory_format`` replace those everywhere."""
     gpu = device_type == "cuda"
-    default_dt = torch.float16 if gpu else torch.float32
-    default_n = 32 if gpu else 1
+    dt = torch.float16 if gpu else torch.float32
+    n = 32 if gpu else 1
     fmt = memory_format or "channels_last"
     add: List[AddCase] = []
     conv: List[ConvCase] = []
 
-    def conv_rows(rows, net):
-        for C, H, s in rows:
-            for form in _forms(net):
-                conv.append(ConvCase(default_n, C, H, H, C, 3, s, None, default_dt, fmt, form, net))
+    def convs(rows, net, N=n, dtype=dt, layout=fmt, forms=None):
+        for C, H, s, *K in rows:  # (C, H, stride[, K, k])
+            for form in forms or (["bias_relu"] if net == "vgg16" else ["bias_relu", "residual"]):
+                conv.append(ConvCase(N, C, H, H, K[0] if K else C, K[1] if len(K) > 1 else 3, s, None, dtype,
+                                     layout, form, net))
 
-    for spec in specs:
-        spec = parse_shape_spec(spec)
+    for spec in map(parse_shape_spec, specs):
         if spec in ("anchors", "vgg", "conv", "cpu"):
-            conv_rows(VGG16_CONV, "vgg16")
+            convs(VGG16_CONV, "vgg16")
         if spec in ("anchors", "resnet", "conv", "cpu"):
-            conv_rows(RESNET_CONV, "resnet")
+            convs(RESNET_CONV, "resnet")
         if spec == "anchors" and gpu:
-            for C, H, s in ANCHOR_N1:
-                net = "vgg16" if (C, H, s) in VGG16_CONV else "resnet"
-                for form in _forms(net):
-                    conv.append(ConvCase(1, C, H, H, C, 3, s, None, default_dt, fmt, form, net))
-            for C, H, s in ANCHOR_FP32_NCHW:
-                conv.append(ConvCase(32, C, H, H, C, 3, s, None, torch.float32, "contiguous",
-                                     "bias_relu", "vgg16"))
-        if spec in ("anchors", "add"):
-            if gpu:
-                add += [AddCase(shape, dt, fmt) for shape, dt in ANCHOR_ADD]
-            else:  # the 128x256x56x56 row is 400 MB a tensor in fp32: left to the GPU
-                add += [AddCase(shape, torch.float32, fmt) for shape, _ in ANCHOR_ADD
-                        if shape[0] <= 32]
+            for row in ANCHOR_N1:
+                convs([row], "vgg16" if row in VGG16_CONV else "resnet", N=1)
+            convs(ANCHOR_FP32_NCHW, "vgg16", dtype=torch.float32, layout="contiguous")
+        if spec in ("anchors", "add"):  # on a CPU in fp32, without the 128x256x56x56 row (400 MB a tensor)
+            add += [AddCase(shape, adt if gpu else torch.float32, fmt) for shape, adt in ANCHOR_ADD
+                    if gpu or shape[0] <= 32]
         if spec == "cpu":
-            add += [AddCase(shape, default_dt, fmt) for shape in CPU_ADD]
+            add += [AddCase(shape, dt, fmt) for shape in CPU_ADD]
         if spec == "tiny":
-            for N, C, H, W, K, k, s in TINY_CONV:
-                for form in ("bias_relu", "residual"):
-                    conv.append(ConvCase(N, C, H, W, K, k, s, None, default_dt, fmt, form, "custom"))
-            add += [AddCase(shape, default_dt, fmt) for shape in TINY_ADD]
+            conv += [ConvCase(N, C, H, W, K, k, s, None, dt, fmt, form, "custom")
+                     for N, C, H, W, K, k, s in TINY_CONV for form in ("bias_relu", "residual")]
+            add += [AddCase(shape, dt, fmt) for shape in TINY_ADD]
         if spec.startswith("conv:"):
-            p = [int(v) for v in spec[5:].split("x")]
-            C, H, s = p[:3]
-            K = p[3] if len(p) > 3 else C
-            k = p[4] if len(p) > 4 else 3
-            for form in ("bias_relu", "residual"):
-                conv.append(ConvCase(default_n, C, H, H, K, k, s, None, default_dt, fmt, form, "custom"))
+            convs([tuple(int(v) for v in spec[5:].split("x"))], "custom", forms=["bias_relu", "residual"])
         if spec.startswith("add:"):
-            add.append(AddCase(tuple(int(d) for d in spec[4:].split("x")), default_dt, fmt))
+            add.append(AddCase(tuple(int(d) for d in spec[4:].split("x")), dt, fmt))
 
     if memory_format:
         conv = [replace(c, memory_format=memory_format) for c in conv]
         add = [replace(a, memory_format=memory_format) for a in add]
     if batches:
-        conv = [replace(c, N=n) for c in conv for n in batches]
+        conv = [replace(c, N=b) for c in conv for b in batches]
     if dtypes:
-        conv = [replace(c, dtype=dt) for c in conv for dt in dtypes]
-        add = [replace(a, dtype=dt) for a in add for dt in dtypes]
-    return CaseSet(_dedupe(add), _dedupe(conv))
+        conv = [replace(c, dtype=d) for c in conv for d in dtypes]
+        add = [replace(a, dtype=d) for a in add for d in dtypes]
+    return CaseSet(list(dict.fromkeys(add)), list(dict.fromkeys(conv)))

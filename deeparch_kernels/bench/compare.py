@@ -16,8 +16,7 @@ def load(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read a result file ({e})") from None
-    errors = validate(data)
-    if errors:
+    if errors := validate(data):
         raise ValueError(f"{path}: not a valid deeparch-bench result: " + "; ".join(errors[:5]))
     return data
 
@@ -34,16 +33,12 @@ def compare(a: dict, b: dict, *, markdown: bool = False) -> str:
     per_provider: Dict[str, List[float]] = {}
     for k in common:
         ta, tb = ra[k]["median_ms"], rb[k]["median_ms"]
-        ratio = tb / ta
-        per_provider.setdefault(k[6], []).append(ratio)
+        per_provider.setdefault(k[6], []).append(ratio := tb / ta)
         body.append([k[1], k[2] + (f" {k[5]}" if k[5] else ""), k[3], k[6], f"{ta:.4g}", f"{tb:.4g}",
                      f"{ratio:.3f}", _f(ra[k].get("speedup_vs_eager"), ".2f"), _f(rb[k].get("speedup_vs_eager"), ".2f")])
-    ea, eb = a["env"], b["env"]
-    lines = [f"A: {ea['device_name']} ({ea['device']}), torch {ea['torch']}, commit "
-             f"{(ea.get('git') or {}).get('commit') or '?'}, {a['created']}",
-             f"B: {eb['device_name']} ({eb['device']}), torch {eb['torch']}, commit "
-             f"{(eb.get('git') or {}).get('commit') or '?'}, {b['created']}"]
-    if ea["device_name"] != eb["device_name"]:
+    lines = [f"{n}: {r['env']['device_name']} ({r['env']['device']}), torch {r['env']['torch']}, commit "
+             f"{(r['env'].get('git') or {}).get('commit') or '?'}, {r['created']}" for n, r in (("A", a), ("B", b))]
+    if a["env"]["device_name"] != b["env"]["device_name"]:
         lines.append("warning: different devices; absolute times do not compare, speedups (vs eager) do")
     lines.append(f"{len(common)} rows in both; {len(ra) - len(common)} only in A, {len(rb) - len(common)} only in B")
     if body:

@@ -1,8 +1,5 @@
-"""What a result was measured on: device, library versions, git commit, date.
-
-Every stored result carries this block (STYLE.md: "GPU name and commit in every stored row"),
-so two files can be compared knowing whether they came from the same card and code.
-"""
+"""What a result was measured on: device, library versions, git commit, date (STYLE.md: "GPU
+name and commit in every stored row"), so that two files compare knowing their card and code."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -49,13 +46,10 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:  # the model name is more useful than "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
     except OSError:
-        pass
-    return name
+        return name
 
 
 def device_slug(device: torch.device) -> str:
@@ -72,13 +66,13 @@ def git_info(path: Optional[Path] = None) -> Dict[str, Any]:
     """The commit of the checkout this package runs from (None when not a git checkout)."""
     root = path or Path(__file__).resolve().parents[2]
     out: Dict[str, Any] = {"commit": None, "dirty": None}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5)
-        if commit.returncode == 0:
+        if (commit := git("rev-parse", "HEAD")).returncode == 0:
             out["commit"] = commit.stdout.strip()
-            st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                                capture_output=True, text=True, timeout=5)
+            st = git("status", "--porcelain", "-uno")
             out["dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
@@ -87,9 +81,8 @@ def git_info(path: Optional[Path] = None) -> Dict[str, Any]:
 
 def _version(mod: str) -> Optional[str]:
     try:
-        m = __import__(mod)
-        return str(getattr(m, "__version__", None))
-    except Exception:
+        return str(getattr(__import__(mod), "__version__", None))
+    except Exception:  # noqa: BLE001 - not installed, or broken
         return None
 
 
@@ -97,40 +90,24 @@ def environment(device: torch.device) -> Dict[str, Any]:
     """The ``env`` block of a result file."""
     from .. import __version__, _ext
 
-    env: Dict[str, Any] = {
-        "device": str(device),
-        "device_type": device.type,
-        "device_name": device_name(device),
-        "device_slug": device_slug(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "deeparch_kernels": __version__,
-        "extension": _ext.build_info(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "git": git_info(),
-        "last_level_cache_bytes": last_level_cache_bytes(device),
-    }
+    ext = _ext.build_info()
+    env: Dict[str, Any] = dict(
+        device=str(device), device_type=device.type, device_name=device_name(device),
+        device_slug=device_slug(device), python=platform.python_version(), platform=platform.platform(),
+        torch=torch.__version__, torchvision=_version("torchvision"), triton=_version("triton"),
+        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        deeparch_kernels=__version__,
+        extension={k: list(v) if isinstance(v, tuple) else v for k, v in ext.items()} if isinstance(ext, dict) else ext,
+        cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1", git=git_info(),
+        last_level_cache_bytes=last_level_cache_bytes(device))
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        env["gpu"] = {
-            "name": p.name,
-            "capability": f"{p.major}.{p.minor}",
-            "sm_count": p.multi_processor_count,
-            "memory_bytes": p.total_memory,
-            "l2_bytes": getattr(p, "L2_cache_size", None),
-        }
-        env["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
-        env["cudnn_allow_tf32"] = conv_allows_tf32()  # for convolutions (either TF32 API)
-        env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
-    if isinstance(env["extension"], dict):  # JSON-safe copy
-        env["extension"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in env["extension"].items()}
+        env["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                          memory_bytes=p.total_memory, l2_bytes=getattr(p, "L2_cache_size", None))
+        env.update(cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                   cudnn_allow_tf32=conv_allows_tf32(),  # for convolutions (either TF32 API)
+                   matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
     return env
 
 

@@ -8,7 +8,13 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..testing import STATUSES
+from .specs import FAMILY, SPECS
+
 LAYOUT = {"channels_last": "CL", "contiguous": "NCHW"}
+TIMING_NOTE = ("\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); %roof = achieved "
+               "GB/s over the measured streaming bandwidth (add+ReLU; bytes counted per form, see roofline.py; "
+               "none for cache-resident cases) or TFLOP/s over the measured matmul rate (conv).")
 
 
 def _f(v, fmt: str, none: str = "-") -> str:
@@ -21,10 +27,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
           right: Iterable[int] = ()) -> str:
     right = set(right)
     if markdown:
-        out = ["| " + " | ".join(headers) + " |",
-               "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
+        rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"
+        return "\n".join(["| " + " | ".join(headers) + " |", rule] + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells):
@@ -34,8 +38,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
 
 
 def _group_key(r: dict) -> Tuple:
-    fam = "add_relu" if r["op"] in ("add_relu", "add_relu_") else r["op"]
-    return (r["section"], fam, r["case"], r["dtype"], r["memory_format"], r.get("form"))
+    spec = FAMILY.get(r["op"])
+    return (r["section"], spec.name if spec else r["op"], r["case"], r["dtype"], r["memory_format"], r.get("form"))
 
 
 def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
@@ -45,58 +49,58 @@ def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
     return out
 
 
-def _time_cells(r: dict) -> List[str]:
-    if r.get("median_ms") is None:
-        return [r["status"], "", ""]
-    return [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", ""]
+def _x(v) -> str:
+    return _f(v, ".2f") + ("x" if v else "")
+
+
+def _section(title: str, text: str, markdown: bool) -> str:
+    return (f"### {title}\n\n" if markdown else f"== {title} ==\n") + text
+
+
+def _timing_table(rows: Sequence[dict], lead, rate: Tuple[str, str, str], markdown: bool) -> str:
+    """A row per provider, the case's ``lead`` cells on its first row only; ``rate``: (header,
+    key, format) of the rate column."""
+    body = []
+    for grp in groups(rows).values():
+        for j, r in enumerate(grp):
+            timed = [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"] if r.get("median_ms") \
+                else [r["status"], ""]
+            extra = [_f(r.get("roofline_pct"), ".0f")] if r["section"] == "op" else []
+            body.append([c if j == 0 else "" for c in lead(r)] + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]),
+                        *extra, _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile"))]
+                        + ([_f(r.get("max_rel_err"), ".1e")] if r["section"] == "model" else [])
+                        + [(f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
+    model = rows[0]["section"] == "model"
+    head = (["model", "batch", "form"] if model else ["case", "dtype"]) + ["provider", "ms", "p20-p80", rate[0]] \
+        + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv"] if model else []) + ["note"]
+    first = head.index("ms")
+    return table(head, body, markdown=markdown, right=range(first, len(head) - 1))
 
 
 def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
-    """One table per op family: add+ReLU, fused conv."""
+    """One table per op family (specs.py)."""
     out = []
-    for fam, title, rate in (("add_relu", "residual add + ReLU", "GB/s"),
-                             ("fused_conv2d", "conv3x3 + bias (+ residual) + ReLU", "TFLOP/s")):
-        frows = [r for r in rows if r["section"] == "op" and _group_key(r)[1] == fam]
-        if not frows:
-            continue
-        body = []
-        for key, grp in groups(frows).items():
-            _, _, case, dtype, fmt, form = key
-            label = f"{case}" + (f" {form}" if form and fam != "add_relu" else "")
-            for j, r in enumerate(grp):
-                t = _time_cells(r)
-                val = r["gbps"] if fam == "add_relu" else r["tflops"]
-                body.append([label if j == 0 else "", f"{dtype} {LAYOUT.get(fmt, fmt)}" if j == 0 else "",
-                             r["provider"], t[0], t[1],
-                             _f(val, ".3g"), _f(r.get("roofline_pct"), ".0f"),
-                             _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
-                             _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
-                             (f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-        head = ["case", "dtype", "provider", "ms", "p20-p80", rate, "%roof", "vs eager", "vs compile", "note"]
-        out.append((f"### {title}\n\n" if markdown else f"== {title} ==\n")
-                   + table(head, body, markdown=markdown, right=(3, 5, 6, 7, 8)))
+    for spec in SPECS.values():
+        frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops]
+        if frows:
+            out.append(_section(spec.title, _timing_table(frows, _op_lead, (*spec.rate, ".3g"),
+                                                          markdown), markdown))
     return out
+
+
+def _op_lead(r: dict) -> List[str]:
+    return [r["case"] + (f" {r['form']}" if r.get("form") else ""),
+            f"{r['dtype']} {LAYOUT.get(r['memory_format'], r['memory_format'])}"]
+
+
+def _model_lead(r: dict) -> List[str]:
+    return [r["case"], f"{r['shape'][0]} {r['dtype']}", r["form"]]
 
 
 def model_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
     mrows = [r for r in rows if r["section"] == "model"]
-    if not mrows:
-        return None
-    body = []
-    for key, grp in groups(mrows).items():
-        for j, r in enumerate(grp):
-            t = _time_cells(r)
-            body.append([r["case"] if j == 0 else "", f"{r['shape'][0]} {r['dtype']}" if j == 0 else "",
-                         r["form"] if j == 0 else "", r["provider"], t[0], t[1],
-                         _f(r.get("images_per_s"), ".4g"),
-                         _f(r.get("speedup_vs_eager"), ".2f") + ("x" if r.get("speedup_vs_eager") else ""),
-                         _f(r.get("speedup_vs_compile"), ".2f") + ("x" if r.get("speedup_vs_compile") else ""),
-                         _f(r.get("max_rel_err"), ".1e"),
-                         (f"compile {r['compile_s']:.0f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-    head = ["model", "batch", "form", "provider", "ms", "p20-p80", "img/s", "vs eager", "vs compile",
-            "err vs tv", "note"]
-    return (("### whole models (inference)\n\n" if markdown else "== whole models (inference) ==\n")
-            + table(head, body, markdown=markdown, right=(4, 6, 7, 8)))
+    return _section("whole models (inference)", _timing_table(mrows, _model_lead, ("img/s", "images_per_s", ".4g"),
+                                                              markdown), markdown) if mrows else None
 
 
 def geomean(vals: Sequence[float]) -> Optional[float]:
@@ -106,24 +110,19 @@ def geomean(vals: Sequence[float]) -> Optional[float]:
 
 def summary_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
     """Per op and our provider: geometric-mean speedup vs eager and vs compile, min-max range."""
-    body = []
     seen: Dict[Tuple, List[dict]] = {}
     for r in rows:
         if r["kind"] == "ours" and r.get("median_ms"):
             seen.setdefault((r["op"], r["provider"], r["dtype"]), []).append(r)
-    for (op, prov, dtype), rs in seen.items():
-        e = [r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")]
-        c = [r["speedup_vs_compile"] for r in rs if r.get("speedup_vs_compile")]
-        ge, gc = geomean(e), geomean(c)
-        body.append([op, prov, dtype, str(len(rs)),
-                     (f"{ge:.2f}x ({min(e):.2f}-{max(e):.2f})" if ge else "-"),
-                     (f"{gc:.2f}x ({min(c):.2f}-{max(c):.2f})" if gc else "-")])
-    if not body:
-        return None
+
+    def spread(vals):
+        return f"{geomean(vals):.2f}x ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
+
+    body = [[*key, str(len(rs)), spread([r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")]),
+             spread([r["speedup_vs_compile"] for r in rs if r.get("speedup_vs_compile")])] for key, rs in seen.items()]
     head = ["op", "ours", "dtype", "cases", "vs eager: geomean (min-max)", "vs compile: geomean (min-max)"]
-    return (("### summary: our backends vs eager and torch.compile (speedup, >1 = faster)\n\n" if markdown
-             else "== summary: our backends vs eager and torch.compile (speedup, >1 = faster) ==\n")
-            + table(head, body, markdown=markdown, right=(3, 4, 5)))
+    return _section("summary: our backends vs eager and torch.compile (speedup, >1 = faster)",
+                    table(head, body, markdown=markdown, right=(3, 4, 5)), markdown) if body else None
 
 
 def backends_table(result: dict, *, markdown: bool = False) -> str:
@@ -137,28 +136,21 @@ def verification_text(result: dict, *, markdown: bool = False, limit: int = 30) 
         return "verification: skipped (--no-verify)"
     s = ver["summary"]
     head = (f"verification (seed {ver['seed']}, float64 reference): {s['pass']} passed, {s['fail']} failed, "
-            f"{s['error']} errors, {s['skip']} skipped, {s['missing']} not implemented yet")
-    lines = [head]
+            f"{s['error']} errors, {s['skip']} skipped" + (f", {s['missing']} with no kernel" if s["missing"] else ""))
     per: Dict[Tuple, List[dict]] = {}
     for c in ver["results"]:
         per.setdefault((c["op"], c["backend"], c["dtype"]), []).append(c)
-    body = []
-    for (op, b, dt), cs in per.items():
-        errs = [c["rel_err"] for c in cs if c["rel_err"] is not None]
-        st = {k: sum(c["status"] == k for c in cs) for k in ("pass", "fail", "error", "skip", "missing")}
-        body.append([op, b, dt, " ".join(f"{v} {k}" for k, v in st.items() if v),
-                     _f(max(errs) if errs else None, ".1e"), _f(cs[0]["tol"], "g")])
-    lines.append(table(["op", "backend", "dtype", "results", "max rel err", "tol"], body, markdown=markdown,
-                       right=(4, 5)))
+    body = [[*key, " ".join(f"{n} {k}" for k in STATUSES if (n := sum(c["status"] == k for c in cs))),
+             _f(max((c["rel_err"] for c in cs if c["rel_err"] is not None), default=None), ".1e"),
+             _f(cs[0]["tol"], "g")] for key, cs in per.items()]
     bad = [c for c in ver["results"] if c["status"] in ("fail", "error")]
-    for c in bad[:limit]:
-        lines.append(f"  {c['status'].upper()}: {c['op']} [{c['backend']}, {c['dtype']}, {c['memory_format']}] "
-                     f"{c['case']}: {c['message']}")
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more (see the JSON file)")
-    missing = {(c["op"], c["backend"]): c["message"] for c in ver["results"] if c["status"] in ("missing", "skip")}
-    for (op, b), msg in list(missing.items())[:limit]:
-        lines.append(f"  not run: {op} [{b}]: {msg}")
+    not_run = {(c["op"], c["backend"]): c["message"] for c in ver["results"] if c["status"] in ("missing", "skip")}
+    lines = [head, table(["op", "backend", "dtype", "results", "max rel err", "tol"], body, markdown=markdown,
+                         right=(4, 5))]
+    lines += [f"  {c['status'].upper()}: {c['op']} [{c['backend']}, {c['dtype']}, {c['memory_format']}] "
+              f"{c['case']}: {c['message']}" for c in bad[:limit]]
+    lines += [f"  ... and {len(bad) - limit} more (see the JSON file)"] if len(bad) > limit else []
+    lines += [f"  not run: {op} [{b}]: {msg}" for (op, b), msg in list(not_run.items())[:limit]]
     return ("\n\n" if markdown else "\n").join(lines)
 
 
@@ -166,7 +158,7 @@ def ceilings_text(result: dict) -> str:
     c = result.get("ceilings")
     if not c:
         return "ceilings: not measured"
-    parts = [f"copy {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
+    parts = [f"streaming {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
     for dt, m in c["matmul"].items():
         if "tflops" in m:
             parts.append(f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)")
@@ -176,42 +168,25 @@ def ceilings_text(result: dict) -> str:
 
 
 def header_text(result: dict) -> str:
-    e = result["env"]
-    git = e.get("git") or {}
+    e, git = result["env"], result["env"].get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
     return (f"deeparch-bench on {e['device']} ({e['device_name']}), torch {e['torch']}, triton {e.get('triton')}, "
             f"cuda {e.get('cuda')}, cudnn {e.get('cudnn')}, commit {commit}, {result['created']}")
 
 
 def render(result: dict, *, markdown: bool = False) -> str:
-    parts = []
+    timed = result.get("ceilings") is not None or result.get("timings")
     if markdown:
-        parts.append(f"# deeparch-bench: {result['env']['device_name']} ({result['env']['device']})")
-        parts.append(header_text(result))
-        parts.append("## backends\n\n" + backends_table(result, markdown=True))
-        parts.append("## verification\n\n" + verification_text(result, markdown=True))
-        if result.get("ceilings") is None and not result.get("timings"):
-            parts.append("## timing\n\nskipped (--no-bench)")
-        else:
-            parts.append("## timing\n\n" + ceilings_text(result)
-                         + "\n\nTimes in ms (median, p20-p80); speedup = baseline ms / ms (> 1: faster); "
-                           "%roof = achieved GB/s over the measured copy bandwidth (add+ReLU) or TFLOP/s "
-                           "over the measured matmul rate (conv).")
+        parts = [f"# deeparch-bench: {result['env']['device_name']} ({result['env']['device']})", header_text(result),
+                 "## backends\n\n" + backends_table(result, markdown=True),
+                 "## verification\n\n" + verification_text(result, markdown=True),
+                 "## timing\n\n" + (ceilings_text(result) + TIMING_NOTE if timed else "skipped (--no-bench)")]
     else:
-        parts.append(header_text(result))
-        parts.append("backends:\n" + backends_table(result))
-        parts.append(verification_text(result))
-        if result.get("ceilings"):
-            parts.append(ceilings_text(result))
+        parts = [header_text(result), "backends:\n" + backends_table(result), verification_text(result)]
+        parts += [ceilings_text(result)] if result.get("ceilings") else []
     rows = result.get("timings") or []
-    for t in op_tables(rows, markdown=markdown):
-        parts.append(t)
-    m = model_table(rows, markdown=markdown)
-    if m:
-        parts.append(m)
-    s = summary_table(rows, markdown=markdown)
-    if s:
-        parts.append(s)
+    parts += op_tables(rows, markdown=markdown)
+    parts += [t for t in (model_table(rows, markdown=markdown), summary_table(rows, markdown=markdown)) if t]
     excl = (result.get("auto") or {}).get("exclusions") or []
     if excl:
         parts.append(("## auto refused\n\n" if markdown else "auto refused:\n") + "\n".join(
@@ -224,8 +199,7 @@ def render(result: dict, *, markdown: bool = False) -> str:
 
 def result_stem(result: dict, out_dir: Path) -> Path:
     """<out>/<date>-<device slug>, with -2, -3... when that is taken."""
-    date = result["created"][:10]
-    base = f"{date}-{result['env']['device_slug']}"
+    base = f"{result['created'][:10]}-{result['env']['device_slug']}"
     stem, n = out_dir / base, 2
     while stem.with_suffix(".json").exists():
         stem = out_dir / f"{base}-{n}"

@@ -1,54 +1,57 @@
 """The device's two ceilings, measured once per run (METHOD.md: "datasheet rates are leads"):
+the streaming bandwidth (the better of ``dst.copy_(src)`` and the in-place ``dst.add_(src)``,
+stored as ``ceilings.copy``) for add+ReLU's GB/s, and the matmul rate in the dtype (TF32 where
+fp32 convolutions use it; on a CPU the better of BLAS and oneDNN) for convolutions' TFLOP/s.
 
-  copy bandwidth   a large device-to-device ``dst.copy_(src)``, bytes read + bytes written
-  matmul rate      a large square matmul in the dtype (fp32 on a GPU with TF32 when
-                   torch.backends.cudnn.allow_tf32 is on, since that is what fp32 convolutions use);
-                   on a CPU the better of torch.mm (BLAS) and the same GEMM as a 1x1 convolution
-                   (oneDNN, which the convolutions use)
-
-On a CPU a store first reads its cache line (write-allocate), so a copy moves 3 bytes per 2
-counted while an in-place op moves what it is counted for: in-place rows can show over 100%.
-
-Achieved GB/s over the copy bandwidth is an add+ReLU's fraction of roofline; achieved TFLOP/s over
-the matmul rate is a convolution's.
+Bytes (``form_bytes``) are counted as the ceiling counts them: inputs read once, the output
+written once, and on a CPU the write-allocate read of an out-of-place output (an in-place form
+writes back lines it has just read), so that no form exceeds 100% by moving uncounted bytes.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .._precision import conv_allows_tf32
-from .cases import dtype_name
 from ..timing import Timer
+from .cases import AddCase, dtype_name
+
+
+def form_bytes(case, op: str, device: torch.device) -> int:
+    """The bytes a row's form moves, as the streaming ceiling counts them (see above)."""
+    if isinstance(case, AddCase) and op == "add_relu" and device.type == "cpu":
+        return case.bytes // 3 * 4  # a, b, out; plus out's write-allocate read
+    return case.bytes
+
+
+def streaming_patterns(src: torch.Tensor, dst: torch.Tensor) -> Dict[str, Tuple[int, Callable]]:
+    """The ceiling's two patterns on ``src`` and ``dst``: {name: (bytes counted, call)}."""
+    nbytes = src.numel() * src.element_size()
+    return {"copy": ((3 if src.device.type == "cpu" else 2) * nbytes, lambda: dst.copy_(src)),
+            "update": (3 * nbytes, lambda: dst.add_(src))}
 
 
 def measure_copy(device: torch.device, timer: Timer, nbytes: Optional[int] = None) -> Dict:
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    n = nbytes // 4
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
-    moved = 2 * n * 4
-    return {"bytes": moved, "median_ms": t.median_ms, "gbps": moved / (t.median_ms * 1e-3) / 1e9}
+    """The streaming ceiling: the faster of copy_ and add_ over ``nbytes`` buffers, in GB/s."""
+    n = (nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))) // 4
+    patterns = streaming_patterns(torch.rand(n, device=device), torch.rand(n, device=device))
+    moved, ms = max(((b, timer(fn).median_ms) for b, fn in patterns.values()), key=lambda m: m[0] / m[1])
+    return {"bytes": moved, "median_ms": ms, "gbps": moved / (ms * 1e-3) / 1e9}
 
 
 def measure_matmul(device: torch.device, dtype: torch.dtype, timer: Timer, n: Optional[int] = None) -> Dict:
-    if n is None:
-        n = 8192 if device.type == "cuda" else 2048
+    n = n or (8192 if device.type == "cuda" else 2048)
     tf32 = device.type == "cuda" and dtype == torch.float32 and conv_allows_tf32()
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = tf32 or old
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         t = timer(lambda: torch.mm(a, b))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    flops = 2 * n ** 3
     return {"n": n, "dtype": dtype_name(dtype), "tf32": tf32, "median_ms": t.median_ms,
-            "tflops": flops / (t.median_ms * 1e-3) / 1e12}
+            "tflops": 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12}
 
 
 def measure_gemm_as_conv(device: torch.device, dtype: torch.dtype, timer: Timer, n: int) -> Dict:

@@ -2,20 +2,22 @@
 a result dict (schema.py) -> console table, JSON, markdown, plots (report.py, plots.py)."""
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
+from ..timing import Budget, Timer
 from . import env as _env
 from .cases import build_cases, dtype_name
 from .schema import SCHEMA_VERSION
+from .specs import OPS
 
-OPS = ("add_relu", "add_relu_", "fused_conv2d")
+log = logging.getLogger("deeparch_kernels.bench")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Config:
     image_size: int = 224
     model_batch: int = 64
     latency: bool = True
-    progress: bool = True
+    progress: bool = True  # progress lines (logging, INFO) on stderr: the CLI's -q turns them off
     argv: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -59,26 +61,18 @@ class Config:
 
     @property
     def verify_dtypes(self) -> List[torch.dtype]:
-        if self.dtypes:
-            return list(self.dtypes)
-        if self.device.type == "cuda":
-            return [torch.float32, torch.float16, torch.bfloat16]
-        return [torch.float32]
+        gpu = self.device.type == "cuda"
+        return list(self.dtypes or ([torch.float32, torch.float16, torch.bfloat16] if gpu else [torch.float32]))
 
     @property
     def model_dtype(self) -> torch.dtype:
-        if self.dtypes:
-            return self.dtypes[0]
-        return torch.float16 if self.device.type == "cuda" else torch.float32
+        return self.dtypes[0] if self.dtypes else torch.float16 if self.device.type == "cuda" else torch.float32
 
 
-def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Run everything ``cfg`` asks for; returns the result dict (see schema.py)."""
+def run(cfg: Config) -> dict:
+    """Run everything ``cfg`` asks for; returns the result dict (see schema.py). Progress goes
+    to the "deeparch_kernels.bench" logger."""
     import deeparch_kernels as dk
-
-    if log is None:
-        log = (lambda s: print(s, file=sys.stderr, flush=True)) if cfg.progress else (lambda s: None)
-    from ..timing import Budget
 
     t_start = time.perf_counter()
     budget = Budget(cfg.budget_s)  # one budget for the whole run: timing adapts to verification's time
@@ -95,31 +89,27 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     verification = None
     failed = False
     if cfg.verify:
-        from .verify import Verifier, summarize
+        from .verify import Verifier, summarize, verify_models
 
-        log(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
-            f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
-        v = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed,
-                     quick=cfg.quick, progress=log)
+        log.info(f"verifying {', '.join(cfg.verify_backends)} on {dev} "
+                 f"({', '.join(dtype_name(d) for d in cfg.verify_dtypes)}), seed {cfg.seed}")
         t0 = time.perf_counter()
-        checks = v.run()
+        checks = Verifier(dev, cfg.verify_backends, cfg.verify_dtypes, cfg.ops, seed=cfg.seed, quick=cfg.quick).run()
         if cfg.models:
-            from .verify import verify_models
-
             checks += verify_models(dev, cfg.models, cfg.model_backends, cfg.verify_dtypes,
-                                    seed=cfg.seed, image_size=32 if cfg.quick else 64, progress=log)
-        log(f"verification took {time.perf_counter() - t0:.1f} s")
+                                    seed=cfg.seed, image_size=32 if cfg.quick else 64)
+        log.info(f"verification took {time.perf_counter() - t0:.1f} s")
         summary = summarize(checks)
-        verification = {"seed": cfg.seed, "summary": summary, "results": [c.as_dict() for c in checks]}
-        failed = failed or bool(summary["fail"] or summary["error"])
+        verification = {"seed": cfg.seed, "summary": summary, "results": [asdict(c) for c in checks]}
+        failed = bool(summary["fail"] or summary["error"])
 
     ceilings = None
     timings: List[dict] = []
     if cfg.bench:
         from .modelbench import ModelBench
         from .opbench import OpBench
+        from .report import ceilings_text
         from .roofline import measure_ceilings
-        from ..timing import Timer
 
         torch.manual_seed(cfg.seed)
         timer = Timer(dev, warmup=cfg.warmup, reps=cfg.reps, min_reps=min(5, cfg.reps),
@@ -128,13 +118,15 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
                             memory_format=cfg.memory_format)
         conv_dtypes = list(dict.fromkeys([c.dtype for c in cases.conv] +
                                          ([cfg.model_dtype] if cfg.models else [])))
-        log("measuring the ceilings (copy bandwidth, matmul rate)")
+        log.info("measuring the ceilings (streaming bandwidth, matmul rate)")
         ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
-        log(_ceiling_line(ceilings))
-        reserve = _model_reserve(cfg) if cfg.models else 0.0
+        log.info(ceilings_text({"ceilings": ceilings}))
+        # what the op timing leaves for the models' eager and fused timings (compiling whole
+        # models is not reserved for: it is the first thing the budget drops)
+        reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * len(cfg.models)
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
-                     compile_=cfg.compile, compile_reserve_s=reserve, log=log)
-        timings += ob.run(cases.add, cases.conv)
+                     compile_=cfg.compile, compile_reserve_s=reserve)
+        timings += ob.run(cases.add + cases.conv)
         notes += ob.notes
         if cfg.models:
             mtimer = Timer(dev, warmup=1 if dev.type == "cpu" else cfg.warmup,
@@ -142,7 +134,7 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
             mb = ModelBench(dev, mtimer, budget, names=cfg.models, backends=cfg.model_backends,
                             dtype=cfg.model_dtype, batch=cfg.model_batch, image=cfg.image_size,
                             latency=cfg.latency, compile_=cfg.compile and cfg.compile_models,
-                            seed=cfg.seed, log=log)
+                            seed=cfg.seed)
             timings += mb.run()
             notes += mb.notes
         if any(r["status"] == "error" for r in timings):
@@ -153,44 +145,22 @@ def run(cfg: Config, log: Optional[Callable[[str], None]] = None) -> dict:
     busy = _busy_note(dev, load_start, load_end) if cfg.bench else None
     if busy:
         notes.append(busy)
-        log(f"warning: {busy}")
+        log.warning(f"warning: {busy}")
     environment = _env.environment(dev)
     environment["loadavg_1min"] = {"start": load_start, "end": load_end}
     from .. import backends as _backends
 
-    auto = {
-        "choices": [{"op": k[0], "device": k[1], "key": [str(v) for v in k[2]], "precision": list(k[3]),
-                     "backend": b} for k, b in _backends.cached_choices().items()],
-        "exclusions": [{"op": e.op, "device": e.device, "key": [str(v) for v in e.key],
-                        "backend": e.backend, "reason": e.reason} for e in _backends.exclusions()],
-    }
+    auto = {"choices": [{"op": k[0], "device": k[1], "key": [str(v) for v in k[2]], "precision": list(k[3]),
+                         "backend": b} for k, b in _backends.cached_choices().items()],
+            "exclusions": [{"op": e.op, "device": e.device, "key": [str(v) for v in e.key], "backend": e.backend,
+                            "reason": e.reason} for e in _backends.exclusions()]}
     if auto["exclusions"]:
         notes.append(f"backend='auto' refused {len(auto['exclusions'])} backend(s) for some inputs "
                      "(its check found them wrong, or they raised): see 'auto refused'")
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": "deeparch-bench",
-        "created": created,
-        "argv": list(cfg.argv),
-        "config": cfg.as_json(),
-        "env": environment,
-        "backends": avail,
-        "ceilings": ceilings,
-        "verification": verification,
-        "timings": timings,
-        "notes": notes,
-        "auto": auto,
-        "wall_s": time.perf_counter() - t_start,
-        "exit_code": 1 if failed else 0,
-    }
-    return result
-
-
-def _model_reserve(cfg: Config) -> float:
-    """Seconds the op timing leaves for the models: their eager and fused timings. Compiling
-    whole models is not reserved for: it is the first thing the budget drops."""
-    per = 8.0 if cfg.quick else (12.0 if cfg.device.type == "cpu" else 10.0)
-    return per * len(cfg.models)
+    return dict(schema_version=SCHEMA_VERSION, tool="deeparch-bench", created=created, argv=list(cfg.argv),
+                config=cfg.as_json(), env=environment, backends=avail, ceilings=ceilings, verification=verification,
+                timings=timings, notes=notes, auto=auto, wall_s=time.perf_counter() - t_start,
+                exit_code=1 if failed else 0)
 
 
 def _loadavg() -> Optional[float]:
@@ -204,16 +174,9 @@ def _busy_note(dev: torch.device, start: Optional[float], end: Optional[float]) 
     """Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy."""
     cores = os.cpu_count() or 1
     # before the run the load is others'; at its end it includes this run's own threads
-    busy_start = start is not None and start > 0.5 * cores + 0.5
-    busy_end = end is not None and end > cores + 0.5
-    if not (busy_start or busy_end):
+    if not ((start is not None and start > 0.5 * cores + 0.5) or (end is not None and end > cores + 0.5)):
         return None
     return (f"the machine was busy (1-minute load average {start} at the start, {end} at the end, "
             f"{cores} cores): other processes competed for the CPU; rerun when it is idle before "
             "trusting CPU times")
 
-
-def _ceiling_line(c: dict) -> str:
-    from .report import ceilings_text
-
-    return ceilings_text({"ceilings": c})

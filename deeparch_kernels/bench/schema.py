@@ -7,18 +7,13 @@ Top level (all required)::
   created         ISO 8601 date-time with offset, e.g. "2026-11-27T01:30:00+00:00"
   argv            the command-line arguments (list of str)
   config          the resolved options (dict: device, ops, backends, dtypes, shapes, ...)
-  env             device, device_type, device_name, device_slug, torch, torchvision, triton,
-                  cuda, cudnn, python, platform, deeparch_kernels, extension (build info or
-                  null), git {commit, dirty}, cpu_threads, last_level_cache_bytes; on CUDA also
-                  gpu {name, capability, sm_count, memory_bytes, l2_bytes}, cudnn_benchmark,
-                  cudnn_allow_tf32, matmul_allow_tf32
+  env             what it was measured on (env.environment): device, device_name, versions,
+                  git {commit, dirty}, last_level_cache_bytes, on CUDA gpu {...}; loadavg_1min
   backends        {name: {available: bool, reason: str}} for cuda, triton, cpu, aten, reference
   ceilings        null (--no-bench) or {copy: {bytes, median_ms, gbps},
                   matmul: {dtype: {n, dtype, tf32, median_ms, tflops} or {error}}}
-  verification    null (--no-verify) or {seed, summary: {pass, fail, error, skip, missing},
-                  results: [{op, backend, dtype, case, memory_format, status, rel_err, tol, message}]}
-                  (op "add_relu", "add_relu_", "fused_conv2d", or "model" for a whole model vs
-                  torchvision; status pass, fail, error, skip or missing)
+  verification    null (--no-verify) or {seed, summary: {status: count}, results: [verify.Check]}
+                  (op "add_relu", "add_relu_", "fused_conv2d", or "model": a model vs torchvision)
   timings         list of rows (below); empty with --no-bench
   notes           list of str: what was skipped and why
   auto            (optional: files before it lack it) what backend="auto" chose in the run,
@@ -27,55 +22,84 @@ Top level (all required)::
   wall_s          seconds the run took
   exit_code       0 all good, 1 a verification failure or an error
 
-A timing row (every key present; null where it does not apply)::
-
-  section         "op" or "model"
-  op              "add_relu", "add_relu_", "fused_conv2d" or "model"
-  case            a label: "32x256x56x56", "256 56x56 s1 N=32", "resnet50"
-  shape           input shape (conv: x; model: the image batch)
-  weight_shape, stride, padding, form ("bias_relu"/"residual" for conv, "throughput"/
-                  "latency" for models), net
-  dtype           "fp32", "fp16", "bf16";  memory_format "channels_last" or "contiguous"
-  device
-  provider        "eager", "torchvision", "compile", "conv-only", a backend ("cpu", "cuda",
-                  "triton", "aten"), "<backend>:inplace", "fused:<backend>"
-  kind            "ours" or "baseline";  backend: ours' backend name or null
-  eager_provider  the provider speedup_vs_eager is taken against
-  median_ms, p20_ms, p80_ms, reps     the timing (null when not timed)
-  bytes, flops    the fewest bytes moved / floating-point operations of the case (ops)
-  gbps, tflops, roofline_pct          achieved rates; % of the measured ceiling
-  speedup_vs_eager, speedup_vs_compile  baseline_ms / median_ms (> 1: faster than the baseline)
-  compile_s       torch.compile's compile time (compile rows)
-  images_per_s, max_rel_err           models: throughput; fused vs torchvision output error
-  status          "ok", "skipped", "missing", "error";  note: why / extra facts
+A timing row: ``Row`` below, with ``input_sets`` (op rows: OpRow) or ``images_per_s`` and
+``max_rel_err`` (model rows: ModelRow); every key present, null where it does not apply.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from dataclasses import dataclass, fields
+from typing import Any, List, Optional
+
+from ..testing import STATUSES as TESTING_STATUSES
+from .verify import Check
 
 SCHEMA_VERSION = 1
 
-TOP_KEYS = {
-    "schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
-    "backends": dict, "ceilings": (dict, type(None)), "verification": (dict, type(None)),
-    "timings": list, "notes": list, "wall_s": (int, float), "exit_code": int,
-}
+
+@dataclass
+class Row:
+    """A timing row; the file holds ``dataclasses.asdict`` of an OpRow or a ModelRow."""
+    section: str  # "op" or "model"
+    op: str  # "add_relu", "add_relu_", "fused_conv2d" or "model"
+    case: str  # a label: "32x256x56x56", "256 56x56 s1 N=32", "resnet50"
+    shape: list  # input shape (conv: x; model: the image batch)
+    dtype: str  # "fp32", "fp16", "bf16"
+    memory_format: str  # "channels_last" or "contiguous"
+    device: str
+    provider: str  # "eager", "torchvision", "compile", "conv-only", a backend, "<backend>:inplace", "fused:<backend>"
+    kind: str  # "ours" or "baseline"
+    backend: Optional[str] = None  # ours' backend name
+    eager_provider: Optional[str] = "eager"  # the provider speedup_vs_eager is taken against
+    weight_shape: Optional[list] = None
+    stride: Optional[int] = None
+    padding: Optional[int] = None
+    form: Optional[str] = None  # "bias_relu"/"residual" for conv, "throughput"/"latency" for models
+    net: Optional[str] = None
+    bytes: Optional[float] = None  # the bytes the row's form moves (roofline.form_bytes)
+    flops: Optional[float] = None  # floating-point operations of the case
+    median_ms: Optional[float] = None  # the timing (null when not timed)
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    reps: int = 0
+    compile_s: Optional[float] = None  # torch.compile's compile time (compile rows)
+    status: str = "ok"  # "ok", "skipped", "missing", "error"
+    note: str = ""  # why / extra facts
+    gbps: Optional[float] = None  # achieved rates, and % of the measured ceiling
+    tflops: Optional[float] = None
+    roofline_pct: Optional[float] = None
+    speedup_vs_eager: Optional[float] = None  # baseline_ms / median_ms (> 1: faster than the baseline)
+    speedup_vs_compile: Optional[float] = None
+
+    def timed(self, t) -> None:
+        """Fill the timing from a timing.Timing."""
+        self.median_ms, self.p20_ms, self.p80_ms, self.reps = t.median_ms, t.p20_ms, t.p80_ms, t.reps
+
+
+@dataclass
+class OpRow(Row):
+    input_sets: int = 1  # input sets rotated among (so that repeated calls do not measure the cache)
+
+
+@dataclass
+class ModelRow(Row):
+    images_per_s: Optional[float] = None
+    max_rel_err: Optional[float] = None  # ours vs torchvision's output
+
+
+NUM = (int, float, type(None))
+_TYPES = {"str": str, "int": int, "list": list, "Optional[str]": (str, type(None)),
+          "Optional[list]": (list, type(None)), "Optional[int]": (int, type(None)), "Optional[float]": NUM}
+# What the validator asks of every row, and of model rows besides.
+ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(Row) if f.name not in ("weight_shape", "stride", "padding", "net")}
+MODEL_ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(ModelRow)[len(fields(Row)):]}
+
+TOP_KEYS = {"schema_version": int, "tool": str, "created": str, "argv": list, "config": dict, "env": dict,
+            "backends": dict, "ceilings": (dict, type(None)), "verification": (dict, type(None)), "timings": list,
+            "notes": list, "wall_s": (int, float), "exit_code": int}
 ENV_KEYS = {"device": str, "device_type": str, "device_name": str, "device_slug": str, "torch": str,
             "python": str, "git": dict}
-NUM = (int, float, type(None))
-ROW_KEYS = {
-    "section": str, "op": str, "case": str, "shape": list, "dtype": str, "memory_format": str,
-    "provider": str, "kind": str, "backend": (str, type(None)), "eager_provider": (str, type(None)),
-    "median_ms": NUM, "p20_ms": NUM, "p80_ms": NUM, "reps": int, "bytes": NUM, "flops": NUM,
-    "gbps": NUM, "tflops": NUM, "roofline_pct": NUM, "speedup_vs_eager": NUM,
-    "speedup_vs_compile": NUM, "compile_s": NUM, "status": str, "note": str, "form": (str, type(None)),
-    "device": str,
-}
-MODEL_ROW_KEYS = {"images_per_s": NUM, "max_rel_err": NUM}
-CHECK_KEYS = {"op": str, "backend": str, "dtype": str, "case": str, "memory_format": str,
-              "status": str, "rel_err": NUM, "tol": NUM, "message": str}
+CHECK_KEYS = {f.name: _TYPES[f.type] for f in fields(Check)}
 STATUSES = {"ok", "skipped", "missing", "error"}
-CHECK_STATUSES = {"pass", "fail", "error", "skip", "missing"}
 
 
 def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
@@ -88,37 +112,36 @@ def _check(obj: dict, keys: dict, where: str, errors: List[str]) -> None:
 
 def validate(result: Any) -> List[str]:
     """The ways ``result`` breaks the schema (empty when it is valid)."""
-    errors: List[str] = []
     if not isinstance(result, dict):
         return ["the result is not a JSON object"]
+    errors: List[str] = []
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            errors.append(why)
+
     _check(result, TOP_KEYS, "result", errors)
     auto = result.get("auto")
-    if auto is not None and not (isinstance(auto, dict) and isinstance(auto.get("choices"), list)
-                                 and isinstance(auto.get("exclusions"), list)):
-        errors.append("auto: expected {choices: list, exclusions: list}")
-    if result.get("schema_version") != SCHEMA_VERSION:
-        errors.append(f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    need(auto is None or (isinstance(auto, dict) and isinstance(auto.get("choices"), list)
+                          and isinstance(auto.get("exclusions"), list)),
+         "auto: expected {choices: list, exclusions: list}")
+    need(result.get("schema_version") == SCHEMA_VERSION,
+         f"schema_version {result.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     if isinstance(result.get("env"), dict):
         _check(result["env"], ENV_KEYS, "env", errors)
     for name, a in (result.get("backends") or {}).items():
-        if not isinstance(a, dict) or not isinstance(a.get("available"), bool) or not isinstance(a.get("reason"), str):
-            errors.append(f"backends.{name}: expected {{available: bool, reason: str}}")
-    ceil = result.get("ceilings")
-    if isinstance(ceil, dict):
-        if not isinstance(ceil.get("copy"), dict) or not isinstance(ceil["copy"].get("gbps"), (int, float)):
-            errors.append("ceilings.copy.gbps missing")
-        if not isinstance(ceil.get("matmul"), dict):
-            errors.append("ceilings.matmul missing")
-    ver = result.get("verification")
-    if isinstance(ver, dict):
-        if not isinstance(ver.get("seed"), int):
-            errors.append("verification.seed missing")
-        if not isinstance(ver.get("summary"), dict):
-            errors.append("verification.summary missing")
+        need(isinstance(a, dict) and isinstance(a.get("available"), bool) and isinstance(a.get("reason"), str),
+             f"backends.{name}: expected {{available: bool, reason: str}}")
+    if isinstance(ceil := result.get("ceilings"), dict):
+        need(isinstance(ceil.get("copy"), dict) and isinstance(ceil["copy"].get("gbps"), (int, float)),
+             "ceilings.copy.gbps missing")
+        need(isinstance(ceil.get("matmul"), dict), "ceilings.matmul missing")
+    if isinstance(ver := result.get("verification"), dict):
+        need(isinstance(ver.get("seed"), int), "verification.seed missing")
+        need(isinstance(ver.get("summary"), dict), "verification.summary missing")
         for i, c in enumerate(ver.get("results") or []):
             _check(c, CHECK_KEYS, f"verification.results[{i}]", errors)
-            if c.get("status") not in CHECK_STATUSES:
-                errors.append(f"verification.results[{i}].status {c.get('status')!r}")
+            need(c.get("status") in TESTING_STATUSES, f"verification.results[{i}].status {c.get('status')!r}")
     for i, r in enumerate(result.get("timings") or []):
         if not isinstance(r, dict):
             errors.append(f"timings[{i}] is not an object")
@@ -126,12 +149,9 @@ def validate(result: Any) -> List[str]:
         _check(r, ROW_KEYS, f"timings[{i}]", errors)
         if r.get("section") == "model":
             _check(r, MODEL_ROW_KEYS, f"timings[{i}]", errors)
-        elif r.get("section") != "op":
-            errors.append(f"timings[{i}].section {r.get('section')!r}")
-        if r.get("status") not in STATUSES:
-            errors.append(f"timings[{i}].status {r.get('status')!r}")
-        if r.get("kind") not in ("ours", "baseline"):
-            errors.append(f"timings[{i}].kind {r.get('kind')!r}")
-        if r.get("status") == "ok" and not isinstance(r.get("median_ms"), (int, float)):
-            errors.append(f"timings[{i}]: status ok without median_ms")
+        need(r.get("section") in ("op", "model"), f"timings[{i}].section {r.get('section')!r}")
+        need(r.get("status") in STATUSES, f"timings[{i}].status {r.get('status')!r}")
+        need(r.get("kind") in ("ours", "baseline"), f"timings[{i}].kind {r.get('kind')!r}")
+        need(r.get("status") != "ok" or isinstance(r.get("median_ms"), (int, float)),
+             f"timings[{i}]: status ok without median_ms")
     return errors
