@@ -89,18 +89,26 @@ def _same(a, b):
     return all(torch.equal(u, v) for u, v in zip(_nonfinite(a), _nonfinite(b)))
 
 
+def _finite_err(out, ref64):
+    """rel_err over the elements finite in both: where ``out`` is not finite, _same has already
+    held it to torch's or the float64 reference's NaN/Inf (a value beyond the dtype's range
+    overflows to Inf in both, while float64 keeps it finite)."""
+    both = out.isfinite() & ref64.isfinite()
+    return rel_err(out.double().where(both, 0.0), ref64.where(both, 0.0))
+
+
 def _judge(out, ref64, torch_out, dtype, backend):
     """Why ``out`` fails (None when it passes), or "torch-wrong" for the reference backend
     where torch itself is wrong."""
     if out.shape != ref64.shape or out.dtype != dtype:
         return f"shape/dtype {tuple(out.shape)} {out.dtype}"
-    torch_err = rel_err(torch_out, ref64)
+    torch_err = _finite_err(torch_out, ref64)
     torch_wrong = torch_err > 10 * TOL[dtype]
     if backend == "reference" and torch_wrong:
         return "torch-wrong"
     if not (_same(out, torch_out) or _same(out, ref64.to(dtype))):
         return "NaN/Inf positions differ from torch's and from the float64 reference's"
-    err = rel_err(out, ref64)
+    err = _finite_err(out, ref64)
     bound = TOL[dtype] if torch_wrong else max(TOL[dtype], 2 * torch_err)
     if err > bound:
         return f"rel. error {err:.3g} > {bound:.3g} (tol {TOL[dtype]}, torch's error {torch_err:.3g})"
