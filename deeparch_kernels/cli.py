@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: anchors on a GPU, cpu on a CPU, tiny with --quick)")
     arg("--batch", type=_listed(_positive), help="conv batch sizes, comma list (default: 32 on a GPU, 1 on a "
         "CPU); the largest is also the model batch unless --model-batch")
-    arg("--model-batch", type=int, help="model throughput batch (default 64 GPU, 1 CPU)")
+    arg("--model-batch", type=int, help="model throughput batch (default 64 GPU, 8 CPU; the latency rows are batch 1)")
     arg("--image-size", type=int, help="model input size (default 224; --quick 64)")
     arg("--backends", type=_one_of(list(BACKENDS) + ["auto"], "backend"), help="comma list of our backends "
         "to verify and time (cuda, triton, cpu, aten, reference, auto; default: the available ones)")
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--no-verify", action="store_true", help="skip verification")
     arg("--no-bench", action="store_true", help="skip timing (verification only)")
     arg("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    arg("--compile-models", action="store_true",
-        help="also torch.compile whole models on a CPU (minutes each; on by default on a GPU)")
+    arg("--no-compile-models", action="store_true",
+        help="skip torch.compile of whole models (on a CPU it runs with inductor's freezing; seconds each)")
+    arg("--compile-models", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts pass it
     arg("--no-latency", action="store_true", help="skip the batch-1 model latency rows")
     arg("--out", default="deeparch-results", help="directory for the JSON, markdown and plots "
         "(default ./deeparch-results)")
@@ -170,14 +171,11 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
     # Triton kernels for each layer shape again: minutes); on a CPU each of ours (cheap).
     model_b = ["auto"] if gpu and not a.backends else [n for n in bench_b if n != "reference"]
     compile_ = not a.no_compile
-    compile_models = compile_ and (gpu or a.compile_models)
-    if compile_ and not compile_models and models and not a.no_bench:
-        notes.append("whole models are not torch.compiled on a CPU by default (minutes each): "
-                     "--compile-models to include them")
+    compile_models = compile_ and not a.no_compile_models
 
     reps, warmup, max_time, budget = ((10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu
-                                      else (30, 2, 1.0, 150.0))
-    model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 1))
+                                      else (30, 2, 1.0, 330.0 if compile_models and models else 150.0))
+    model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 8))
     return Config(
         device=device, ops=ops, models=models, dtypes=list(dict.fromkeys(a.dtypes)) if a.dtypes else None,
         shapes=a.shapes or (["tiny"] if a.quick else ["anchors"] if gpu else ["cpu"]), batch=a.batch or None,

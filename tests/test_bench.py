@@ -385,6 +385,28 @@ def test_models_section():
     assert by["fused:cpu"]["max_rel_err"] < 1e-4 and by["fused:cpu"]["speedup_vs_eager"] > 0
 
 
+def test_models_section_compiled_on_cpu_with_the_nan_check():
+    """On a CPU: torch.compile with inductor's freezing of torchvision's model and of ours at both
+    batches, and every provider's NaN check (ours must keep NaN; torch.compile's is recorded)."""
+    from deeparch_kernels.bench import schema
+    from deeparch_kernels.bench.modelbench import COMPILED_OURS, ModelBench
+
+    mb = ModelBench(CPU, timing.Timer(CPU, warmup=0, reps=2, min_reps=1, max_time_s=0.01), timing.Budget(0),
+                    names=["resnet18"], backends=["cpu"], dtype=torch.float32, batch=2, image=32,
+                    latency=True, compile_=True, seed=0)
+    rows = mb.run()
+    for form in ("throughput", "latency"):
+        by = {r["provider"]: r for r in rows if r["form"] == form}
+        assert set(by) == {"torchvision", "compile", "fused:cpu", COMPILED_OURS}
+        for p in ("compile", COMPILED_OURS):
+            assert by[p]["status"] == "ok" and by[p]["compile_s"] > 0, by[p]["note"]
+        assert by[COMPILED_OURS]["max_rel_err"] < 1e-4 and by[COMPILED_OURS]["speedup_vs_compile"] > 0
+        assert all(by[p]["nan_kept"] is True for p in ("torchvision", "fused:cpu", COMPILED_OURS))
+        assert isinstance(by["compile"]["nan_kept"], bool)
+    for r in rows:
+        assert all(isinstance(r[k], t) for k, t in {**schema.ROW_KEYS, **schema.MODEL_ROW_KEYS}.items())
+
+
 def test_models_section_with_a_fused_builder(monkeypatch):
     """The fused path, with a stand-in for our model (torchvision's itself: same outputs)."""
     from deeparch_kernels.bench import modelbench

@@ -50,8 +50,11 @@ def test_defaults_on_cpu():
     cfg = cli.parse_config([] if not torch.cuda.is_available() else ["--device", "cpu"])
     assert cfg.device.type == "cpu" and cfg.shapes == ["cpu"]
     assert cfg.ops == ["add_relu", "add_relu_", "fused_conv2d"]
-    assert cfg.models == ["vgg16", "resnet18", "resnet50"] and cfg.model_batch == 1
-    assert cfg.compile and not cfg.compile_models  # whole-model compile is opt-in on a CPU
+    assert cfg.models == ["vgg16", "resnet18", "resnet50"] and cfg.model_batch == 8 and cfg.latency
+    assert cfg.compile and cfg.compile_models  # whole models too: freezing compiles take seconds here
+    off = cli.parse_config(["--device", "cpu", "--no-compile-models"])
+    assert off.compile and not off.compile_models
+    assert cli.parse_config(["--device", "cpu", "--compile-models"]).compile_models  # the old flag still parses
     assert "cpu" in cfg.bench_backends and "reference" not in cfg.bench_backends
     assert "triton" not in cfg.bench_backends  # never timed through the interpreter
     assert "auto" in cfg.verify_backends and "reference" in cfg.verify_backends

@@ -101,6 +101,10 @@ def environment(device: torch.device) -> Dict[str, Any]:
         cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1", git=git_info(),
         last_level_cache_bytes=last_level_cache_bytes(device))
+    if device.type == "cpu":  # the instruction set ATen's kernels use, and oneDNN's bf16 path
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["onednn_bf16"] = bool(torch.backends.mkldnn.is_available()
+                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,

@@ -57,6 +57,9 @@ def _section(title: str, text: str, markdown: bool) -> str:
     return (f"### {title}\n\n" if markdown else f"== {title} ==\n") + text
 
 
+NAN_KEPT = {True: "kept", False: "LOST"}  # a model row's nan_kept: NaN in, NaN out where eager has it
+
+
 def _timing_table(rows: Sequence[dict], lead, rate: Tuple[str, str, str], markdown: bool) -> str:
     """A row per provider, the case's ``lead`` cells on its first row only; ``rate``: (header,
     key, format) of the rate column."""
@@ -68,11 +71,12 @@ def _timing_table(rows: Sequence[dict], lead, rate: Tuple[str, str, str], markdo
             extra = [_f(r.get("roofline_pct"), ".0f")] if r["section"] == "op" else []
             body.append([c if j == 0 else "" for c in lead(r)] + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]),
                         *extra, _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile"))]
-                        + ([_f(r.get("max_rel_err"), ".1e")] if r["section"] == "model" else [])
+                        + ([_f(r.get("max_rel_err"), ".1e"), NAN_KEPT.get(r.get("nan_kept"), "")]
+                           if r["section"] == "model" else [])
                         + [(f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
     model = rows[0]["section"] == "model"
     head = (["model", "batch", "form"] if model else ["case", "dtype"]) + ["provider", "ms", "p20-p80", rate[0]] \
-        + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv"] if model else []) + ["note"]
+        + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv", "NaN"] if model else []) + ["note"]
     first = head.index("ms")
     return table(head, body, markdown=markdown, right=range(first, len(head) - 1))
 
@@ -170,7 +174,9 @@ def ceilings_text(result: dict) -> str:
 def header_text(result: dict) -> str:
     e, git = result["env"], result["env"].get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
-    return (f"deeparch-bench on {e['device']} ({e['device_name']}), torch {e['torch']}, triton {e.get('triton')}, "
+    isa = (f" [{e['cpu_capability']}, oneDNN bf16 {'yes' if e.get('onednn_bf16') else 'no'}, "
+           f"{e.get('cpu_threads')} threads]" if e.get("cpu_capability") else "")
+    return (f"deeparch-bench on {e['device']} ({e['device_name']}){isa}, torch {e['torch']}, triton {e.get('triton')}, "
             f"cuda {e.get('cuda')}, cudnn {e.get('cudnn')}, commit {commit}, {result['created']}")
 
 

@@ -124,6 +124,8 @@ def run(cfg: Config) -> dict:
         # what the op timing leaves for the models' eager and fused timings (compiling whole
         # models is not reserved for: it is the first thing the budget drops)
         reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * len(cfg.models)
+        if dev.type == "cpu" and cfg.compile and cfg.compile_models and not cfg.quick:
+            reserve += 60.0 * len(cfg.models)  # four freezing compiles (two batches, theirs and ours)
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
                      compile_=cfg.compile, compile_reserve_s=reserve)
         timings += ob.run(cases.add + cases.conv)

@@ -84,11 +84,13 @@ class OpRow(Row):
 class ModelRow(Row):
     images_per_s: Optional[float] = None
     max_rel_err: Optional[float] = None  # ours vs torchvision's output
+    nan_kept: Optional[bool] = None  # a NaN pixel in the input comes out where torchvision eager puts it
 
 
 NUM = (int, float, type(None))
 _TYPES = {"str": str, "int": int, "list": list, "Optional[str]": (str, type(None)),
-          "Optional[list]": (list, type(None)), "Optional[int]": (int, type(None)), "Optional[float]": NUM}
+          "Optional[list]": (list, type(None)), "Optional[int]": (int, type(None)), "Optional[float]": NUM,
+          "Optional[bool]": (bool, type(None))}
 # What the validator asks of every row, and of model rows besides.
 ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(Row) if f.name not in ("weight_shape", "stride", "padding", "net")}
 MODEL_ROW_KEYS = {f.name: _TYPES[f.type] for f in fields(ModelRow)[len(fields(Row)):]}
