@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
     arg("--budget", type=float, help="soft time budget in seconds for the whole run: past it, "
         "torch.compile baselines and then later cases are dropped, with a note (default 225 GPU, "
-        "150 CPU, 60 --quick; 0: none)")
+        "330 CPU with compiled models, else 150; 60 --quick; 0: none)")
     arg("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
     arg("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
