@@ -404,6 +404,14 @@ def cached_choices() -> Mapping[tuple, str]:
     return dict(_CHOICES)
 
 
+def snapshot() -> dict:
+    """This process's choices and exclusions, JSON-ready (a result file's ``auto`` block)."""
+    return {"choices": [{"op": k[0], "device": k[1], "key": [str(v) for v in k[2]], "precision": list(k[3]),
+                         "backend": b} for k, b in _CHOICES.items()],
+            "exclusions": [{"op": e.op, "device": e.device, "key": [str(v) for v in e.key], "backend": e.backend,
+                            "reason": e.reason} for e in exclusions()]}
+
+
 def exclusions() -> List[Exclusion]:
     """Every backend ``auto`` has refused for a key in this process, with the reason."""
     return [Exclusion(k[0], k[1], k[2], b, why) for k, entry in _EXCLUDED.items()
@@ -585,6 +593,24 @@ class ChoiceCache:
     def files(self) -> List[Path]:
         d = self.directory()
         return sorted(d.glob("auto-*.json")) if d is not None and d.is_dir() else []
+
+    def describe(self) -> str:
+        """The files, their identities and counts, and every refused backend, as text."""
+        d = self.directory()
+        if d is None:
+            return "the choice cache is off (DEEPARCH_CACHE_DIR=off)\n"
+        out = [f"{d}: {len(self.files())} file(s)"]
+        for f in self.files():
+            try:
+                data = json.loads(f.read_text())
+                ident = ", ".join(f"{k} {v}" for k, v in data.get("identity", {}).items())
+                excl = data.get("exclusions", {})
+                out += [f"\n{f.name}: {ident}\n  {len(data.get('choices', {}))} choices, "
+                        f"{sum(len(v) for v in excl.values())} exclusions"]
+                out += [f"  refused {b} for {k}: {why}" for k, v in excl.items() for b, why in v.items()]
+            except (OSError, ValueError) as e:
+                out.append(f"\n{f.name}: unreadable ({e}); it is ignored")
+        return "\n".join(out) + "\n"
 
     def reset(self, delete_files: bool = False) -> None:
         """Forget what was read (files are read again on next use); ``delete_files``: also

@@ -13,7 +13,6 @@ bad arguments. Subcommands: compare, plot, cache, lesson (``deeparch-bench lesso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -223,27 +222,12 @@ def _plot(a: argparse.Namespace) -> int:
 def _cache(a: argparse.Namespace) -> int:
     from .backends import choice_cache
 
-    d = choice_cache.directory()
-    if d is None:
-        print("the choice cache is off (DEEPARCH_CACHE_DIR=off)")
-        return 0
-    files = choice_cache.files()
-    if a.clear:
+    if a.clear and choice_cache.directory() is not None:
+        n = len(choice_cache.files())
         choice_cache.reset(delete_files=True)
-        print(f"deleted {len(files)} file(s) under {d}")
-        return 0
-    print(f"{d}: {len(files)} file(s)")
-    for f in files:
-        try:
-            data = json.loads(f.read_text())
-            ident = ", ".join(f"{k} {v}" for k, v in data.get("identity", {}).items())
-            print(f"\n{f.name}: {ident}\n  {len(data.get('choices', {}))} choices, "
-                  f"{sum(len(v) for v in data.get('exclusions', {}).values())} exclusions")
-            for k, v in data.get("exclusions", {}).items():
-                for b, why in v.items():
-                    print(f"  refused {b} for {k}: {why}")
-        except (OSError, ValueError) as e:
-            print(f"\n{f.name}: unreadable ({e}); it is ignored")
+        print(f"deleted {n} file(s) under {choice_cache.directory()}")
+    else:
+        sys.stdout.write(choice_cache.describe())
     return 0
 
 

@@ -102,14 +102,10 @@ class ModelBench:
             case_rows = []
             for batch, form in [(self.batch, "throughput")] + ([(1, "latency")] if self.latency else []):
                 case_rows += self._run_batch(name, tv, ours, batch, form)
-            if any(r.nan_kept is False and r.kind == "ours" for r in case_rows):
-                self.notes.append(f"models: {name}: a provider of ours loses NaN (column NaN: LOST)")
-            lost = sorted({f"{r.provider} at batch {r.shape[0]}" for r in case_rows
-                           if r.nan_kept is False and r.kind == "baseline"})
-            if lost:
-                self.notes.append(f"models: {name}: NaN in the input does not come out where torch eager puts it "
-                                  f"from {', '.join(lost)}" + (" (on a CPU, inductor fuses oneDNN's ReLU post-op, "
-                                                               "which turns NaN into 0)" if self.device.type == "cpu" else ""))
+            lost = sorted({f"{r.provider} at batch {r.shape[0]}" for r in case_rows if r.nan_kept is False})
+            if lost:  # on a CPU, torch.compile fuses oneDNN's ReLU post-op, which turns NaN into 0
+                self.notes.append(f"models: {name}: NaN in the input does not come out where torch eager "
+                                  f"puts it from {', '.join(lost)} (column NaN: LOST)")
             rows += [asdict(r) for r in case_rows]
             log.info(f"[model {i}/{len(self.names)}] {name} batch {self.batch} {dtype_name(self.dtype)}: "
                      + ", ".join(f"{r.provider}{'' if r.form == 'throughput' else '@1'} "

@@ -150,12 +150,7 @@ def run(cfg: Config) -> dict:
         log.warning(f"warning: {busy}")
     environment = _env.environment(dev)
     environment["loadavg_1min"] = {"start": load_start, "end": load_end}
-    from .. import backends as _backends
-
-    auto = {"choices": [{"op": k[0], "device": k[1], "key": [str(v) for v in k[2]], "precision": list(k[3]),
-                         "backend": b} for k, b in _backends.cached_choices().items()],
-            "exclusions": [{"op": e.op, "device": e.device, "key": [str(v) for v in e.key], "backend": e.backend,
-                            "reason": e.reason} for e in _backends.exclusions()]}
+    auto = dk.backends.snapshot()
     if auto["exclusions"]:
         notes.append(f"backend='auto' refused {len(auto['exclusions'])} backend(s) for some inputs "
                      "(its check found them wrong, or they raised): see 'auto refused'")
