@@ -287,6 +287,8 @@ def _prepack_dtypes() -> Tuple[torch.dtype, ...]:
     """The dtypes oneDNN's prepacked convolution runs in on this CPU: float32 everywhere,
     bfloat16 only where torch's oneDNN bf16 path is there (AVX512BW/VL/DQ or AVX-NE-CONVERT;
     elsewhere ``_reorder_convolution_weight`` raises, and the C++ op runs bf16 instead)."""
+    if not torch.backends.mkldnn.is_available():  # a build without oneDNN: nothing is prepacked
+        return ()
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
