@@ -60,16 +60,17 @@ class ModelBench:
             row.status, row.note = classify(e)
             return None
 
-    def _compiled(self, row: ModelRow, model: torch.nn.Module, x: torch.Tensor) -> Optional[Callable]:
+    def _compiled(self, row: ModelRow, model: torch.nn.Module, x: torch.Tensor):
+        """(torch.compile(model), its first output), compiled by that first call; (None, None),
+        the row marked, when skipped or when it raised."""
         if not self.compile or not self.budget.allows(self.compile_guess):
             row.status, row.note = "skipped", "time budget" if self.compile else "model compile off (--no-compile)"
-            return None
+            return None, None
         cm = torch.compile(model)
         t0 = time.perf_counter()
-        if self._first_call(row, cm, x) is None:  # compiles it
-            return None
-        row.compile_s = time.perf_counter() - t0
-        return cm
+        out = self._first_call(row, cm, x)
+        row.compile_s = time.perf_counter() - t0 if out is not None else None
+        return (cm, out) if out is not None else (None, None)
 
     def run(self) -> List[dict]:
         # On a CPU the whole section runs with inductor's freezing: a compiled model traced with it
@@ -132,17 +133,17 @@ class ModelBench:
         timed = [(r, tv)]
         if form == "throughput" or cpu:
             r = row("compile", "baseline")
-            timed.append((r, self._compiled(r, tv, x)))
+            timed.append((r, self._compiled(r, tv, x)[0]))
         for b in self.backends + ([COMPILED_OURS] if COMPILED_OURS in ours else []):
             r, m = row(b, "ours", "auto") if b == COMPILED_OURS else row(f"fused:{b}", "ours", b), ours.get(b)
             if isinstance(m, Exception):
                 r.status, r.note = classify(m)
                 m = None
-            elif b == COMPILED_OURS:
-                m = self._compiled(r, m, x)
-            if m is not None and (out := self._first_call(r, m, x)) is None:
+            elif b == COMPILED_OURS:  # compiled by its first call, whose output is compared
+                m, out = self._compiled(r, m, x)
+            elif (out := self._first_call(r, m, x)) is None:
                 m = None
-            elif m is not None and ref is not None:  # torchvision's weights: compare the outputs
+            if m is not None and ref is not None:  # torchvision's weights: compare the outputs
                 r.max_rel_err = rel_err(out.float(), ref.double())
                 if not torch.isfinite(out).all():
                     r.note = "non-finite outputs"
@@ -153,9 +154,9 @@ class ModelBench:
         x_nan[0, :, x.shape[2] // 2, x.shape[3] // 2] = float("nan")
         with torch.inference_mode():
             time_rows(self.timer, rows, {r.provider: (lambda m=m: m(x)) for r, m in live})
-            nan_where = tv(x_nan).isnan()
-            for r, m in live:
-                r.nan_kept = bool(torch.equal(m(x_nan).isnan(), nan_where))
+            nan_at = {r.provider: m(x_nan).isnan() for r, m in live}
+        for r, _ in live:  # against torchvision eager's NaN (no verdict when it did not run)
+            r.nan_kept = bool(torch.equal(nan_at[r.provider], nan_at["torchvision"])) if "torchvision" in nan_at else None
         for r in rows:
             r.images_per_s = batch / (r.median_ms * 1e-3) if r.median_ms else None
         torch._dynamo.reset()
