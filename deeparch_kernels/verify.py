@@ -8,7 +8,8 @@
                                    builder, or fuse()), and verifies them
   verify_models(names, ...)        the same for several builders (the CLI's entry point)
 
-Errors are ``testing.rel_err`` (max |out - ref| / max |ref|, in float64). The reference is
+Errors are ``testing.rel_err`` (max |out - ref| / max |ref|, in float64; inf when NaN/Inf sit
+elsewhere than in the reference). The reference is
 torchvision in float32 (TF32 off); the bounds are ``testing.MODEL_TOL``: 1e-4 for float32 and 1e-2
 for float16/bfloat16. For the half
 types torchvision's own error in that dtype is measured too, and a result also passes when it is
@@ -29,7 +30,8 @@ from torch import nn
 
 from . import backends as _backends
 from ._precision import no_tf32
-from .testing import MODEL_NAMES, MODEL_TOL as TOL, classify, randomize_batchnorm, reference_model, rel_err
+from .testing import (MODEL_NAMES, MODEL_TOL as TOL, classify, nonfinite_mismatch, randomize_batchnorm,
+                      reference_model, rel_err)
 
 __all__ = ["MODEL_NAMES", "TOL", "ModeResult", "VerifyResult", "randomize_batchnorm", "reference_model",
            "verify", "verify_model", "verify_models"]
@@ -66,7 +68,7 @@ class VerifyResult:
     @property
     def status(self) -> str:
         """pass, fail, or error_status when an exception stopped the check."""
-        return self.error_status if self.error else ("pass" if self.passed else "fail")
+        return (self.error_status or "error") if self.error else ("pass" if self.passed else "fail")
 
     @property
     def max_rel_err(self) -> float:
@@ -144,10 +146,16 @@ def _run(model: nn.Module, x: torch.Tensor, train: bool, seed: int):
     return out.detach(), _grads(model)
 
 
+def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """rel_err, and inf where NaN/Inf don't sit exactly where the reference has them (rel_err
+    alone only looks where the reference is finite)."""
+    return float("inf") if nonfinite_mismatch(out, ref) is not None else rel_err(out, ref)
+
+
 def _grad_err(grads: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Tuple[float, str]:
     worst, name = -1.0, ""
     for n in sorted(ref.keys() | grads.keys()):
-        e = rel_err(grads[n], ref[n]) if n in grads and n in ref else float("inf")
+        e = _err(grads[n], ref[n]) if n in grads and n in ref else float("inf")
         if e > worst:
             worst, name = e, n
     return worst, name
@@ -177,12 +185,12 @@ def verify(fused: nn.Module, reference: nn.Module, x: torch.Tensor, *,
             train = mode == "train"
             ref_out, ref_g = _run(reference, x, train, seed)
             out, grads = _run(fused, x, train, seed)
-            r = ModeResult(mode, rel_err(out, ref_out), tol, False)
+            r = ModeResult(mode, _err(out, ref_out), tol, False)
             if grads is not None:
                 r.grad_max_rel_err, r.worst_grad = _grad_err(grads, ref_g)
             if lowp_reference is not None:
                 lp_out, lp_g = _run(lowp_reference, x, train, seed)
-                r.torch_err = rel_err(lp_out, ref_out)
+                r.torch_err = _err(lp_out, ref_out)
                 if lp_g is not None:
                     r.torch_grad_err = _grad_err(lp_g, ref_g)[0]
 

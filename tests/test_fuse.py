@@ -205,3 +205,31 @@ def test_fuse_vgg_without_bn():
 def test_unknown_backend_refused():
     with pytest.raises(ValueError, match="unknown backend"):
         fuse(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), backend="gpu")
+
+
+class _PoisonLogit(nn.Module):
+    """A model whose logits are its reference's, but one of them NaN (or ``value``)."""
+
+    def __init__(self, inner, value=float("nan")):
+        super().__init__()
+        self.inner, self.value = inner, value
+
+    def forward(self, x):
+        y = self.inner(x).clone()
+        y[0, 1] = self.value
+        return y
+
+
+@pytest.mark.parametrize("where", ["out", "reference"])
+def test_verify_fails_nan_where_the_other_side_is_finite(where):
+    """A NaN on either side only (torch's semantics are NaN exactly where the reference has it)
+    is an infinite error; NaN in the same place on both sides is not an error."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+    poisoned = _PoisonLogit(copy.deepcopy(ref)).eval()
+    fused, reference = (poisoned, ref) if where == "out" else (ref, poisoned)
+    r = verify(fused, reference, torch.randn(2, 3, 4, 4), modes=("eval",), tol=1e-4)
+    assert not r.passed and r.modes["eval"].max_rel_err == float("inf")
+    both = verify(_PoisonLogit(copy.deepcopy(ref)).eval(), poisoned, torch.randn(2, 3, 4, 4),
+                  modes=("eval",), tol=1e-4)
+    assert both.passed, both

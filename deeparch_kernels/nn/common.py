@@ -153,11 +153,9 @@ def conv_epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, backend: st
     return torch.relu(y) if relu else y
 
 
-# torch.fx records these as calls (they look at dtypes, layouts and the autocast state, which a
-# trace proxy doesn't have); everything around them traces as usual. torch.fx.wrap patches the
-# name in the globals of the module that calls it: every module calling them wraps them too.
-torch.fx.wrap("fused_conv")
-torch.fx.wrap("conv_epilogue")
+# torch.fx must record fused_conv and conv_epilogue as calls (they look at dtypes, layouts and the
+# autocast state, which a trace proxy doesn't have). torch.fx.wrap patches the name in the globals
+# of the module that calls it, so each module calling them wraps them (nn/conv.py, nn/folding.py).
 
 
 def is_plain_conv(m: Optional[nn.Module]) -> bool:
@@ -187,13 +185,15 @@ def rebuild_as(cls: type, module: nn.Module) -> nn.Module:
     return new
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)  # torch < 2.6: none
+
+
 def is_recorded(x: object) -> bool:
     """The ops run now are recorded to run again later: torch.compile, torch.export (strict or
     not) or torch.fx.symbolic_trace is tracing, or a CUDA graph is being captured (its replays
     read the parameters and buffers where they are, as torch's modules' kernels do)."""
     if isinstance(x, torch.fx.Proxy):
         return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if torch.compiler.is_compiling() or (is_exporting is not None and is_exporting()):
+    if torch.compiler.is_compiling() or _is_exporting():
         return True
     return x.is_cuda and torch.cuda.is_current_stream_capturing()  # type: ignore[union-attr]

@@ -362,14 +362,14 @@ def _padding(padding, weight, stride, dilation) -> Tuple[Tuple[int, int], Tuple[
     return int_pair(padding, OP, "padding"), (0, 0)
 
 
-def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> None:
+def _check_args(x, weight, bias, residual, stride, padding, dilation, groups) -> Tuple[int, int, int, int]:
     """The public function's arguments, normalised (pairs of ints, unbatched x unsqueezed): its
     own rules (x 3-D or 4-D, floating point as for conv2d), then the rules every implementation
-    shares (_conv_args.check_conv_args)."""
+    shares (_conv_args.check_conv_args). Returns the output shape."""
     check(x.dim() == 4, OP, lambda: f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got {x.dim()}-D")
-    check(not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex(), OP,
+    check(x.is_floating_point() or x.is_complex(), OP,
           lambda: f"x must be a floating-point tensor (as for conv2d), got {x.dtype}", TypeError)
-    check_conv_args(OP, x, weight, bias, residual, stride, padding, dilation, groups)
+    return check_conv_args(OP, x, weight, bias, residual, stride, padding, dilation, groups)
 
 
 def kernel_refusal(groups: int, dilation: Sequence[int]) -> Optional[str]:
@@ -480,12 +480,10 @@ def _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, ba
         raise TypeError(f"{OP}: groups must be an int, got {groups!r}") from None
     check(weight.dim() == 4, OP, lambda: f"weight must be 4-D (K, C/groups, kh, kw), got {weight.dim()}-D")
     pad, extra = _padding(padding, weight, stride, dilation)
-    _check_args(x, weight, bias, residual, stride, pad, dilation, groups)
-    if extra != (0, 0):  # "same" with an even kernel: the odd pixel on the right/bottom, as torch
+    N, K, Ho, Wo = _check_args(x, weight, bias, residual, stride, pad, dilation, groups)
+    if extra != (0, 0):  # "same" (stride 1) with an even kernel: the odd pixel on the right/bottom, as torch
         x = F.pad(x, (0, extra[1], 0, extra[0]))
-    out_shape = (x.shape[0], weight.shape[0],
-                 (x.shape[2] + 2 * pad[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1,
-                 (x.shape[3] + 2 * pad[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1)
+    out_shape = (N, K, Ho + extra[0], Wo + extra[1])
     why_stock = kernel_refusal(groups, dilation)
     stock = why_stock is not None
     if stock and backend not in ("auto", "aten", "reference"):
