@@ -42,6 +42,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple, Union
 
+import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -283,7 +284,11 @@ def fuse(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     report = FuseReport(backend=backend, mode="train" if model.training else "eval")
     if not inplace:
         try:
-            model = copy.deepcopy(model)
+            # Outside inference mode: a copy made inside it would hold inference tensors, which
+            # keep no version counter, so the BatchNorm folds and prepacked weights could not be
+            # kept between calls (every call would redo them, ~2x slower on the CPU).
+            with torch.inference_mode(False):
+                model = copy.deepcopy(model)
         except RuntimeError as e:
             raise RuntimeError(
                 f"fuse(model) fuses a deep copy (inplace=False) and torch can't deep-copy this "

@@ -101,6 +101,40 @@ def test_fused_resnet_prepacks_its_folds_on_the_cpu(gen):
     assert keys and all(conv_op._prepacked(fused.layer1[0]._fold_cache._folds[k].weight) is not None for k in keys)
 
 
+def test_fuse_inside_inference_mode_keeps_its_folds(gen):
+    """fuse() called inside torch.inference_mode() still gives a model whose folds and prepacked
+    weights are kept between calls (its deep copy is made outside: inference tensors keep no
+    version counter)."""
+    import warnings
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = randn(1, 3, 64, 64, gen=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "inference tensor" warning
+        fused = dk.fuse(tv, backend="cpu")
+        torch.testing.assert_close(fused(x), tv(x), rtol=1e-4, atol=1e-4)
+        folds = dict(fused.layer1[0]._fold_cache._folds)
+        packed = {k: conv_op._prepacked(f.weight) for k, f in folds.items()}
+        assert folds and all(p is not None and p.by_geometry for p in packed.values())
+        torch.testing.assert_close(fused(x), tv(x), rtol=1e-4, atol=1e-4)
+    assert all(fused.layer1[0]._fold_cache._folds[k] is f for k, f in folds.items())  # kept
+
+
+def test_inference_tensor_weights_warn_and_stay_right(gen):
+    """A model built inside inference_mode holds inference tensors (no version counter), and
+    fuse(inplace=True) keeps them: nothing can be cached; the result is still right and a warning
+    says why it is slow and what to do."""
+    torch.manual_seed(0)
+    x = randn(1, 3, 64, 64, gen=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        tv = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last)
+        want = tv(x)
+        fused = dk.fuse(tv, backend="cpu", inplace=True)
+        with pytest.warns(RuntimeWarning, match="inference_mode"):
+            torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+    assert not fused.layer1[0]._fold_cache._folds
+
+
 def test_compile_with_freezing_keeps_nan(gen, monkeypatch):
     from torch._inductor import config as inductor_config
 

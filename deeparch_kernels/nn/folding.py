@@ -62,7 +62,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..ops import bn_fold as _bn_fold
-from ..ops.conv import prepack
+from ..ops.conv import prepack, warn_unversioned_weight
 from ._torchscript import NoTorchScript, refuse_jit_trace
 from .common import (check_backend_name, conv_epilogue, conv_padding, fused_conv, has_hooks, is_bn,
                      is_plain_conv, is_recorded, unsupported_reason)
@@ -197,6 +197,7 @@ class FoldCache:
         try:
             fold.stamps = tuple(None if t is None else _Stamp(t) for t in tensors)
         except RuntimeError:  # no version counter (an inference tensor): can't tell, don't keep
+            warn_unversioned_weight()
             self._folds.pop(key, None)
             return fold
         self._folds[key] = fold
