@@ -208,10 +208,7 @@ def write(result: dict, out_dir: Path, *, plots: bool = True) -> Dict[str, objec
     jpath, mpath = stem.with_suffix(".json"), stem.with_suffix(".md")
     jpath.write_text(json.dumps(result, indent=1, default=str) + "\n")
     mpath.write_text(render(result, markdown=True))
-    written: Dict[str, object] = {"json": jpath, "markdown": mpath, "plots": [], "plots_skipped": None}
-    if plots:
-        from . import plots as _plots
+    from .plots import draw  # (plots.py imports this module)
 
-        pngs, why = _plots.draw(result, stem)
-        written["plots"], written["plots_skipped"] = pngs, why
-    return written
+    pngs, why = draw(result, stem) if plots else ([], None)
+    return {"json": jpath, "markdown": mpath, "plots": pngs, "plots_skipped": why}
