@@ -188,27 +188,25 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
 
 
-def _load(a: argparse.Namespace, *paths: Path) -> list:
-    """The result files, validated; a bad one is a usage error (exit status 2)."""
-    from .bench.compare import load
+def _compare(a: argparse.Namespace) -> int:
+    from .bench.compare import compare, load
 
     try:
-        return [load(p) for p in paths]
+        ra, rb = load(a.a), load(a.b)
     except ValueError as e:
         a.parser.error(str(e))
-
-
-def _compare(a: argparse.Namespace) -> int:
-    from .bench.compare import compare
-
-    sys.stdout.write(compare(*_load(a, a.a, a.b), markdown=a.markdown))
+    sys.stdout.write(compare(ra, rb, markdown=a.markdown))
     return 0
 
 
 def _plot(a: argparse.Namespace) -> int:
+    from .bench.compare import load
     from .bench.plots import draw
 
-    (r,) = _load(a, a.result)
+    try:
+        r = load(a.result)
+    except ValueError as e:
+        a.parser.error(str(e))
     stem = (a.plot_out / a.result.stem) if a.plot_out else a.result.with_suffix("")
     if a.plot_out:
         a.plot_out.mkdir(parents=True, exist_ok=True)
