@@ -52,12 +52,9 @@ class Config:
     notes: List[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
-        d = asdict(self)
-        d["device"] = str(self.device)
-        d["dtypes"] = None if self.dtypes is None else [dtype_name(t) for t in self.dtypes]
-        d["out"] = None if self.out is None else str(self.out)
-        d.pop("notes")
-        return d
+        d = {k: v for k, v in asdict(self).items() if k != "notes"}  # (the notes go to the result's notes)
+        return {**d, "device": str(self.device), "out": None if self.out is None else str(self.out),
+                "dtypes": None if self.dtypes is None else [dtype_name(t) for t in self.dtypes]}
 
     @property
     def verify_dtypes(self) -> List[torch.dtype]:
