@@ -150,11 +150,8 @@ def ceilings_text(result: dict) -> str:
     if not c:
         return "ceilings: not measured"
     parts = [f"streaming {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
-    for dt, m in c["matmul"].items():
-        if "tflops" in m:
-            parts.append(f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)")
-        else:
-            parts.append(f"matmul {dt}: {m.get('error')}")
+    parts += [f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)"
+              if "tflops" in m else f"matmul {dt}: {m.get('error')}" for dt, m in c["matmul"].items()]
     return "measured ceilings: " + "; ".join(parts)
 
 
@@ -203,12 +200,12 @@ def result_stem(result: dict, out_dir: Path) -> Path:
 
 def write(result: dict, out_dir: Path, *, plots: bool = True) -> Dict[str, object]:
     """Write <stem>.json, <stem>.md and the plots; returns the paths and why plots are missing."""
+    from .plots import draw  # (plots.py imports this module)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(result, out_dir)
     jpath, mpath = stem.with_suffix(".json"), stem.with_suffix(".md")
     jpath.write_text(json.dumps(result, indent=1, default=str) + "\n")
     mpath.write_text(render(result, markdown=True))
-    from .plots import draw  # (plots.py imports this module)
-
     pngs, why = draw(result, stem) if plots else ([], None)
     return {"json": jpath, "markdown": mpath, "plots": pngs, "plots_skipped": why}
