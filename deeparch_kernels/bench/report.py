@@ -72,8 +72,9 @@ def _timing_table(rows: Sequence[dict], rate: Tuple[str, str, str], markdown: bo
                 else [r["status"], ""]
             pct = [] if model else [_f(r.get("roofline_pct"), ".0f")]
             errs = [_f(r.get("max_rel_err"), ".1e"), NAN_KEPT.get(r.get("nan_kept"), "")] if model else []
-            body.append([c if j == 0 else "" for c in lead] + [r["provider"], *timed, _f(r.get(rate[1]), rate[2])]
-                        + [*pct, _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")), *errs]
+            body.append([c if j == 0 else "" for c in lead]
+                        + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]), *pct,
+                           _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")), *errs]
                         + [(f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
     head = (["model", "batch", "form"] if model else ["case", "dtype"]) + ["provider", "ms", "p20-p80", rate[0]] \
         + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv", "NaN"] if model else []) + ["note"]
