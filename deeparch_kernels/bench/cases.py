@@ -169,7 +169,7 @@ def build_cases(specs: Sequence[str], device_type: str, *, dtypes: Optional[Sequ
         if spec == "anchors" and gpu:
             for row in ANCHOR_N1:
                 convs([row], "vgg16" if row in VGG16_CONV else "resnet", N=1)
-            convs(ANCHOR_FP32_NCHW, "vgg16", dtype=torch.float32, layout="contiguous")
+            convs(ANCHOR_FP32_NCHW, "vgg16", dtype=torch.float32, layout=memory_format or "contiguous")
         if spec in ("anchors", "add"):  # on a CPU in fp32, without the 128x256x56x56 row (400 MB a tensor)
             add += [AddCase(shape, adt if gpu else torch.float32, fmt) for shape, adt in ANCHOR_ADD
                     if gpu or shape[0] <= 32]
@@ -184,9 +184,6 @@ def build_cases(specs: Sequence[str], device_type: str, *, dtypes: Optional[Sequ
         if spec.startswith("add:"):
             add.append(AddCase(tuple(int(d) for d in spec[4:].split("x")), dt, fmt))
 
-    if memory_format:
-        conv = [replace(c, memory_format=memory_format) for c in conv]
-        add = [replace(a, memory_format=memory_format) for a in add]
     if batches:
         conv = [replace(c, N=b) for c in conv for b in batches]
     if dtypes:

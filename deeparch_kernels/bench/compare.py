@@ -26,8 +26,7 @@ def row_key(r: dict) -> Tuple:
 
 
 def compare(a: dict, b: dict, *, markdown: bool = False) -> str:
-    ra: Dict[Tuple, dict] = {row_key(r): r for r in a["timings"] if r.get("median_ms")}
-    rb: Dict[Tuple, dict] = {row_key(r): r for r in b["timings"] if r.get("median_ms")}
+    ra, rb = ({row_key(r): r for r in x["timings"] if r.get("median_ms")} for x in (a, b))
     common = [k for k in ra if k in rb]
     body: List[List[str]] = []
     per_provider: Dict[str, List[float]] = {}

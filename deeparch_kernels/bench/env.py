@@ -62,9 +62,9 @@ def device_slug(device: torch.device) -> str:
     return slug or "gpu"
 
 
-def git_info(path: Optional[Path] = None) -> Dict[str, Any]:
+def git_info() -> Dict[str, Any]:
     """The commit of the checkout this package runs from (None when not a git checkout)."""
-    root = path or Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[2]
     out: Dict[str, Any] = {"commit": None, "dirty": None}
 
     def git(*args):

@@ -88,17 +88,14 @@ class ModelBench:
             t_case = time.perf_counter()
             tv = reference_model(name, seed=self.seed).eval()
             place = dict(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
-            ours: Dict[str, object] = {}  # backend -> our model, or the exception building it
-            for b in self.backends:
+            ours: Dict[str, object] = {}  # backend or COMPILED_OURS -> our model, or what building it raised
+            # on a CPU also ours under torch.compile (backend auto): what users get
+            compiled = [(COMPILED_OURS, "auto")] if self.compile and self.device.type == "cpu" else []
+            for key, b in [(b, b) for b in self.backends] + compiled:
                 try:
-                    ours[b] = build_fused(tv, name, b).to(**place)
+                    ours[key] = build_fused(tv, name, b).to(**place)
                 except Exception as e:  # noqa: BLE001
-                    ours[b] = e
-            if self.compile and self.device.type == "cpu":  # ours under torch.compile: what users get
-                try:
-                    ours[COMPILED_OURS] = build_fused(tv, name, "auto").to(**place)
-                except Exception as e:  # noqa: BLE001
-                    ours[COMPILED_OURS] = e
+                    ours[key] = e
             tv = tv.to(**place)
             case_rows = []
             for batch, form in [(self.batch, "throughput")] + ([(1, "latency")] if self.latency else []):
@@ -134,8 +131,8 @@ class ModelBench:
         if form == "throughput" or cpu:
             r = row("compile", "baseline")
             timed.append((r, self._compiled(r, tv, x)[0]))
-        for b in self.backends + ([COMPILED_OURS] if COMPILED_OURS in ours else []):
-            r, m = row(b, "ours", "auto") if b == COMPILED_OURS else row(f"fused:{b}", "ours", b), ours.get(b)
+        for b, m in ours.items():
+            r = row(b, "ours", "auto") if b == COMPILED_OURS else row(f"fused:{b}", "ours", b)
             if isinstance(m, Exception):
                 r.status, r.note = classify(m)
                 m = None
@@ -160,5 +157,5 @@ class ModelBench:
         for r in rows:
             r.images_per_s = batch / (r.median_ms * 1e-3) if r.median_ms else None
         torch._dynamo.reset()
-        derive(rows, {}, eager="torchvision")
+        derive(rows, {})
         return rows

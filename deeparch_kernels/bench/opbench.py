@@ -25,7 +25,7 @@ from .specs import SPECS, Provider
 log = logging.getLogger("deeparch_kernels.bench")
 
 
-def derive(rows: Sequence[Row], ceilings: dict, eager: str = "eager", cache_bytes: int = 0) -> None:
+def derive(rows: Sequence[Row], ceilings: dict, cache_bytes: int = 0) -> None:
     """Rates, % of the ceiling and speedups, once every provider of a case is timed. A row whose
     input sets fit in ``cache_bytes`` (the last-level cache) gets no % of the streaming ceiling:
     its data never leaves the cache, so it is not measured against memory bandwidth."""
@@ -41,7 +41,7 @@ def derive(rows: Sequence[Row], ceilings: dict, eager: str = "eager", cache_byte
         if r.flops is not None:
             r.tflops = r.flops / s / 1e12
             r.roofline_pct = _pct(r.tflops, ((ceilings.get("matmul") or {}).get(r.dtype) or {}).get("tflops"))
-        base = by.get(r.eager_provider or eager)
+        base = by.get(r.eager_provider)
         r.speedup_vs_eager = base.median_ms / r.median_ms if base else None
         r.speedup_vs_compile = by["compile"].median_ms / r.median_ms if "compile" in by else None
 
@@ -84,25 +84,19 @@ class OpBench:
                      case.memory_format if conv else case.fmt, str(self.device), prov.name, prov.kind, prov.backend,
                      prov.eager_provider, bytes=form_bytes(case, prov.op, self.device), input_sets=n_sets, **conv)
 
-    def prepare(self, prov: Provider, sets: List[tuple], row: Row) -> Optional[Callable[[], object]]:
-        """The timed callable of a provider, or None with the row marked when making it fails."""
-        try:
-            fn, row.compile_s = prov.timed(sets, self.device)
-        except Exception as e:  # noqa: BLE001 - a failing provider is a row, not a crash
-            row.status, row.note = classify(e)
-            return None
-        if row.compile_s is not None:
-            self.compile_s.append(row.compile_s)
-        return fn
-
     def run_case(self, case, providers: List[Provider], sets: List[tuple]) -> List[OpRow]:
         rows, fns = [], {}
         for prov in providers:
             row = self._row(case, prov, len(sets))
             if prov.compiled and not (self.compile and self._allow_compile()):
                 row.status, row.note = "skipped", "--no-compile" if not self.compile else "time budget"
-            elif (fn := self.prepare(prov, sets, row)) is not None:
-                fns[prov.name] = fn
+            else:
+                try:
+                    fns[prov.name], row.compile_s = prov.timed(sets, self.device)
+                except Exception as e:  # noqa: BLE001 - a failing provider is a row, not a crash
+                    row.status, row.note = classify(e)
+                if row.compile_s is not None:
+                    self.compile_s.append(row.compile_s)
             rows.append(row)
         time_rows(self.timer, rows, fns)
         if any(p.compiled for p in providers):
@@ -135,12 +129,8 @@ class OpBench:
             rows = self.run_case(case, provs, sets)
             del sets
             out += [asdict(r) for r in rows]
-            log.info(f"{head}: {progress_summary(rows)} [{time.perf_counter() - t0:.1f} s]")
+            log.info(f"{head}: " + ", ".join(
+                f"{r.provider} {r.status}" if r.median_ms is None else f"{r.provider} {r.median_ms:.3g} ms"
+                + (f" ({r.speedup_vs_eager:.2f}x)" if r.kind == "ours" and r.speedup_vs_eager else "")
+                for r in rows) + f" [{time.perf_counter() - t0:.1f} s]")
         return out
-
-
-def progress_summary(rows: Sequence[Row]) -> str:
-    return ", ".join(f"{r.provider} {r.status}" if r.median_ms is None else
-                     f"{r.provider} {r.median_ms:.3g} ms"
-                     + (f" ({r.speedup_vs_eager:.2f}x)" if r.kind == "ours" and r.speedup_vs_eager else "")
-                     for r in rows)

@@ -66,14 +66,11 @@ def _panel(plt, ax, grps: Dict[Tuple, List[dict]], value, ylabel: str, ref_line:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def _speedup(by: Dict[str, dict]):
-    """(speedup, at p80, at p20) over the row's baseline median; None for the baseline itself."""
-    def value(r):
-        base = by.get((r["case"], r["dtype"], r["memory_format"], r.get("form"), r.get("eager_provider")))
-        if not r.get("median_ms") or base is None or base is r:
-            return None
-        return base["median_ms"] / r["median_ms"], base["median_ms"] / r["p80_ms"], base["median_ms"] / r["p20_ms"]
-    return value
+def _speedup(r: dict):
+    """(speedup over the row's baseline, at p80, at p20), from the speedup derive() stored; None
+    for a row not timed against one."""
+    s = r.get("speedup_vs_eager")
+    return (s, s * r["median_ms"] / r["p80_ms"], s * r["median_ms"] / r["p20_ms"]) if s else None
 
 
 def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
@@ -83,15 +80,12 @@ def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
     out: List[Path] = []
     rows = result.get("timings") or []
     dev = f"{result['env']['device_name']} ({result['env']['device']})"
-    by = {(r["case"], r["dtype"], r["memory_format"], r.get("form"), r["provider"]): r
-          for r in rows if r.get("median_ms")}
-    value = _speedup(by)
     for spec in SPECS.values():
         panels = []
         for inplace in (False, True):
             frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops
                      and r["op"].endswith("_") == inplace and r["provider"] not in ("eager", "torchvision")]
-            if any(value(r) for r in frows):
+            if any(_speedup(r) for r in frows):
                 base = "torchvision's in-place add_ + relu_" if inplace else "eager PyTorch"
                 panels.append((groups(frows), f"{'in place' if inplace else 'out of place'}: speedup over\n"
                                f"{base} (x, > 1: faster)"))
@@ -100,7 +94,7 @@ def draw(result: dict, stem: Path) -> Tuple[List[Path], Optional[str]]:
         n = max(len(g) for g, _ in panels)
         fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 0.9 * n + 3), 4.2 * len(panels)), squeeze=False)
         for ax, (grps, ylabel) in zip(axes[:, 0], panels):
-            _panel(plt, ax, grps, value, ylabel, 1.0)
+            _panel(plt, ax, grps, _speedup, ylabel, 1.0)
         axes[0, 0].set_title(f"{spec.title}: {dev}", fontsize=9)
         out.append(_save(plt, fig, Path(f"{stem}-{spec.name}.png")))
     mrows = [r for r in rows if r["section"] == "model" and r.get("images_per_s")]

@@ -37,15 +37,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _group_key(r: dict) -> Tuple:
-    spec = FAMILY.get(r["op"])
-    return (r["section"], spec.name if spec else r["op"], r["case"], r["dtype"], r["memory_format"], r.get("form"))
-
-
 def groups(rows: Sequence[dict]) -> Dict[Tuple, List[dict]]:
+    """Rows by (section, op family, case, dtype, memory format, form)."""
     out: Dict[Tuple, List[dict]] = {}
     for r in rows:
-        out.setdefault(_group_key(r), []).append(r)
+        key = (r["section"], FAMILY[r["op"]].name if r["op"] in FAMILY else r["op"], r["case"], r["dtype"],
+               r["memory_format"], r.get("form"))
+        out.setdefault(key, []).append(r)
     return out
 
 
@@ -60,51 +58,41 @@ def _section(title: str, text: str, markdown: bool) -> str:
 NAN_KEPT = {True: "kept", False: "LOST"}  # a model row's nan_kept: NaN in, NaN out where eager has it
 
 
-def _timing_table(rows: Sequence[dict], lead, rate: Tuple[str, str, str], markdown: bool) -> str:
-    """A row per provider, the case's ``lead`` cells on its first row only; ``rate``: (header,
-    key, format) of the rate column."""
+def _timing_table(rows: Sequence[dict], rate: Tuple[str, str, str], markdown: bool) -> str:
+    """A row per provider, the case's lead cells on its first row only; ``rate``: (header, key,
+    format) of the rate column."""
+    model = rows[0]["section"] == "model"
     body = []
     for grp in groups(rows).values():
         for j, r in enumerate(grp):
+            lead = [r["case"], f"{r['shape'][0]} {r['dtype']}", r["form"]] if model else [
+                r["case"] + (f" {r['form']}" if r.get("form") else ""),
+                f"{r['dtype']} {LAYOUT.get(r['memory_format'], r['memory_format'])}"]
             timed = [f"{r['median_ms']:.4g}", f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"] if r.get("median_ms") \
                 else [r["status"], ""]
-            extra = [_f(r.get("roofline_pct"), ".0f")] if r["section"] == "op" else []
-            body.append([c if j == 0 else "" for c in lead(r)] + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]),
-                        *extra, _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile"))]
-                        + ([_f(r.get("max_rel_err"), ".1e"), NAN_KEPT.get(r.get("nan_kept"), "")]
-                           if r["section"] == "model" else [])
+            pct = [] if model else [_f(r.get("roofline_pct"), ".0f")]
+            errs = [_f(r.get("max_rel_err"), ".1e"), NAN_KEPT.get(r.get("nan_kept"), "")] if model else []
+            body.append([c if j == 0 else "" for c in lead]
+                        + [r["provider"], *timed, _f(r.get(rate[1]), rate[2]), *pct,
+                           _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")), *errs]
                         + [(f"compile {r['compile_s']:.1f} s " if r.get("compile_s") else "") + (r.get("note") or "")])
-    model = rows[0]["section"] == "model"
     head = (["model", "batch", "form"] if model else ["case", "dtype"]) + ["provider", "ms", "p20-p80", rate[0]] \
         + ([] if model else ["%roof"]) + ["vs eager", "vs compile"] + (["err vs tv", "NaN"] if model else []) + ["note"]
     first = head.index("ms")
     return table(head, body, markdown=markdown, right=range(first, len(head) - 1))
 
 
-def op_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
-    """One table per op family (specs.py)."""
+def timing_tables(rows: Sequence[dict], *, markdown: bool = False) -> List[str]:
+    """One table per op family (specs.py), then one of the whole models."""
     out = []
-    for spec in SPECS.values():
-        frows = [r for r in rows if r["section"] == "op" and r["op"] in spec.ops]
-        if frows:
-            out.append(_section(spec.title, _timing_table(frows, _op_lead, (*spec.rate, ".3g"),
-                                                          markdown), markdown))
+    for spec in [*SPECS.values(), None]:
+        part = [r for r in rows if (r["section"] == "model" if spec is None else
+                                    r["section"] == "op" and r["op"] in spec.ops)]
+        if part:
+            title, rate = (spec.title, (*spec.rate, ".3g")) if spec else (
+                "whole models (inference)", ("img/s", "images_per_s", ".4g"))
+            out.append(_section(title, _timing_table(part, rate, markdown), markdown))
     return out
-
-
-def _op_lead(r: dict) -> List[str]:
-    return [r["case"] + (f" {r['form']}" if r.get("form") else ""),
-            f"{r['dtype']} {LAYOUT.get(r['memory_format'], r['memory_format'])}"]
-
-
-def _model_lead(r: dict) -> List[str]:
-    return [r["case"], f"{r['shape'][0]} {r['dtype']}", r["form"]]
-
-
-def model_table(rows: Sequence[dict], *, markdown: bool = False) -> Optional[str]:
-    mrows = [r for r in rows if r["section"] == "model"]
-    return _section("whole models (inference)", _timing_table(mrows, _model_lead, ("img/s", "images_per_s", ".4g"),
-                                                              markdown), markdown) if mrows else None
 
 
 def geomean(vals: Sequence[float]) -> Optional[float]:
@@ -163,11 +151,8 @@ def ceilings_text(result: dict) -> str:
     if not c:
         return "ceilings: not measured"
     parts = [f"streaming {c['copy']['gbps']:.4g} GB/s (read + write, {c['copy']['bytes'] / 2**20:.0f} MiB moved)"]
-    for dt, m in c["matmul"].items():
-        if "tflops" in m:
-            parts.append(f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)")
-        else:
-            parts.append(f"matmul {dt}: {m.get('error')}")
+    parts += [f"matmul {dt}{' (TF32)' if m.get('tf32') else ''} {m['tflops']:.4g} TFLOP/s ({m['n']}^3)"
+              if "tflops" in m else f"matmul {dt}: {m.get('error')}" for dt, m in c["matmul"].items()]
     return "measured ceilings: " + "; ".join(parts)
 
 
@@ -191,8 +176,9 @@ def render(result: dict, *, markdown: bool = False) -> str:
         parts = [header_text(result), "backends:\n" + backends_table(result), verification_text(result)]
         parts += [ceilings_text(result)] if result.get("ceilings") else []
     rows = result.get("timings") or []
-    parts += op_tables(rows, markdown=markdown)
-    parts += [t for t in (model_table(rows, markdown=markdown), summary_table(rows, markdown=markdown)) if t]
+    parts += timing_tables(rows, markdown=markdown)
+    if summary := summary_table(rows, markdown=markdown):
+        parts.append(summary)
     excl = (result.get("auto") or {}).get("exclusions") or []
     if excl:
         parts.append(("## auto refused\n\n" if markdown else "auto refused:\n") + "\n".join(
@@ -215,15 +201,12 @@ def result_stem(result: dict, out_dir: Path) -> Path:
 
 def write(result: dict, out_dir: Path, *, plots: bool = True) -> Dict[str, object]:
     """Write <stem>.json, <stem>.md and the plots; returns the paths and why plots are missing."""
+    from .plots import draw  # (plots.py imports this module)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(result, out_dir)
     jpath, mpath = stem.with_suffix(".json"), stem.with_suffix(".md")
     jpath.write_text(json.dumps(result, indent=1, default=str) + "\n")
     mpath.write_text(render(result, markdown=True))
-    written: Dict[str, object] = {"json": jpath, "markdown": mpath, "plots": [], "plots_skipped": None}
-    if plots:
-        from . import plots as _plots
-
-        pngs, why = _plots.draw(result, stem)
-        written["plots"], written["plots_skipped"] = pngs, why
-    return written
+    pngs, why = draw(result, stem) if plots else ([], None)
+    return {"json": jpath, "markdown": mpath, "plots": pngs, "plots_skipped": why}

@@ -52,12 +52,9 @@ class Config:
     notes: List[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
-        d = asdict(self)
-        d["device"] = str(self.device)
-        d["dtypes"] = None if self.dtypes is None else [dtype_name(t) for t in self.dtypes]
-        d["out"] = None if self.out is None else str(self.out)
-        d.pop("notes")
-        return d
+        d = {k: v for k, v in asdict(self).items() if k != "notes"}  # (the notes go to the result's notes)
+        return {**d, "device": str(self.device), "out": None if self.out is None else str(self.out),
+                "dtypes": None if self.dtypes is None else [dtype_name(t) for t in self.dtypes]}
 
     @property
     def verify_dtypes(self) -> List[torch.dtype]:
@@ -143,10 +140,13 @@ def run(cfg: Config) -> dict:
             failed = True
             notes.append("some timings raised errors (status 'error' rows)")
 
-    load_end = _loadavg()
-    busy = _busy_note(dev, load_start, load_end) if cfg.bench else None
-    if busy:
-        notes.append(busy)
+    load_end, cores = _loadavg(), os.cpu_count() or 1
+    # Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy. Before
+    # the run the load is others'; at its end it includes this run's own threads.
+    if cfg.bench and ((load_start or 0) > 0.5 * cores + 0.5 or (load_end or 0) > cores + 0.5):
+        notes.append(busy := (f"the machine was busy (1-minute load average {load_start} at the start, "
+                              f"{load_end} at the end, {cores} cores): other processes competed for the "
+                              "CPU; rerun when it is idle before trusting CPU times"))
         log.warning(f"warning: {busy}")
     environment = _env.environment(dev)
     environment["loadavg_1min"] = {"start": load_start, "end": load_end}
@@ -165,15 +165,3 @@ def _loadavg() -> Optional[float]:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
-
-
-def _busy_note(dev: torch.device, start: Optional[float], end: Optional[float]) -> Optional[str]:
-    """Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy."""
-    cores = os.cpu_count() or 1
-    # before the run the load is others'; at its end it includes this run's own threads
-    if not ((start is not None and start > 0.5 * cores + 0.5) or (end is not None and end > cores + 0.5)):
-        return None
-    return (f"the machine was busy (1-minute load average {start} at the start, {end} at the end, "
-            f"{cores} cores): other processes competed for the CPU; rerun when it is idle before "
-            "trusting CPU times")
-

@@ -148,12 +148,10 @@ def validate(result: Any) -> List[str]:
         if not isinstance(r, dict):
             errors.append(f"timings[{i}] is not an object")
             continue
-        _check(r, ROW_KEYS, f"timings[{i}]", errors)
-        if r.get("section") == "model":
-            _check(r, MODEL_ROW_KEYS, f"timings[{i}]", errors)
-        need(r.get("section") in ("op", "model"), f"timings[{i}].section {r.get('section')!r}")
-        need(r.get("status") in STATUSES, f"timings[{i}].status {r.get('status')!r}")
-        need(r.get("kind") in ("ours", "baseline"), f"timings[{i}].kind {r.get('kind')!r}")
+        keys = {**ROW_KEYS, **(MODEL_ROW_KEYS if r.get("section") == "model" else {})}
+        _check(r, keys, f"timings[{i}]", errors)
+        for k, ok in (("section", ("op", "model")), ("status", STATUSES), ("kind", ("ours", "baseline"))):
+            need(r.get(k) in ok, f"timings[{i}].{k} {r.get(k)!r}")
         need(r.get("status") != "ok" or isinstance(r.get("median_ms"), (int, float)),
              f"timings[{i}]: status ok without median_ms")
     return errors

@@ -87,8 +87,7 @@ class Verifier:
                 raise AssertionError(f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
             if not same_layout(out.shape, out.stride(), strides):
                 raise AssertionError(f"output strides {out.stride()}, expected {tuple(strides)} (memory format)")
-            why = nonfinite_mismatch(out, ref, allow_spread)
-            if why is not None:
+            if (why := nonfinite_mismatch(out, ref, allow_spread)) is not None:
                 raise AssertionError(why)
             chk.rel_err = rel_err(out.cpu(), ref)
             spread = int((~torch.isfinite(out.cpu()) & torch.isfinite(ref)).sum()) if allow_spread else 0
