@@ -11,12 +11,15 @@ Backends (the same names for every op):
   ``reference``  stock PyTorch, written as the definition: the semantics every backend is tested
                  against
 
+Registered by an op for itself (``register``, like a plug-in, but placed in the op's order):
+``winograd`` (fused_conv2d on the CPU: Winograd F(2x2, 3x3) for fp32 3x3 layers, ops/conv.py).
+
 An explicit name forces that backend, and raises ``BackendUnavailable`` listing why it can't run.
 
 ``backend="auto"`` (the default) never trusts a kernel it has not checked. For each key (op,
 shapes, dtype, layout, flags, device, precision settings) it takes the candidates that can run
 the inputs, in the op's order for the device (``AUTO_ORDER``, ``set_auto_order``; backends
-plugged in with ``register`` come first), and:
+plugged in with ``register`` come first unless the op's order places them), and:
 
   1. verifies each of ours on the first call: its output must match stock PyTorch on the same
      inputs within the op's bound (NaN and Inf exactly, the output's dtype and memory format
@@ -262,9 +265,9 @@ def _timing_enabled() -> bool:
 
 def _order(op: str, device: torch.device) -> List[str]:
     spec = _OPS.get(op, _Op())
-    plugged = [n for n, devs in spec.plugins.items() if device.type in devs]
     base = _OP_ORDER.get((op, device.type)) or AUTO_ORDER.get(device.type, ("aten",))
-    order = plugged + [b for b in base if b not in plugged]
+    plugged = [n for n, devs in spec.plugins.items() if device.type in devs and n not in base]
+    order = plugged + list(base)
     return order + ([] if "aten" in order else ["aten"])  # stock PyTorch is always a candidate
 
 

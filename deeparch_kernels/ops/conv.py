@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .. import _ext, _precision, backends
 from .._conv_args import check_conv_args
 from ..testing import mismatch, unit_roundoff
+from . import conv_winograd
 from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, fx_proxy, int_pair, lib,
                    output_memory_format)
 from .add_relu import add_relu
@@ -230,21 +231,37 @@ class _Packed:
     optimizer step, ``load_state_dict``, ``w.mul_()``) makes them stale. Like every cache keyed on
     torch's version counters, it can't see writes through ``w.data``."""
 
-    __slots__ = ("state", "by_geometry")
+    __slots__ = ("state", "by_geometry", "winograd")
     MAX_GEOMETRIES = 8
 
     def __init__(self) -> None:
         self.state: Optional[tuple] = None
         self.by_geometry: dict = {}
+        self.winograd: Optional[Tuple[torch.Tensor, float]] = None
 
-    def get(self, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> Optional[torch.Tensor]:
+    def _fresh(self, weight: torch.Tensor) -> bool:
+        """Drop what was derived from an older state of ``weight``; False if none can be kept."""
         try:
             state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
         except RuntimeError:  # an inference tensor: no version counter, nothing can be kept
             warn_unversioned_weight()
-            return None
+            return False
         if state != self.state:
-            self.state, self.by_geometry = state, {}
+            self.state, self.by_geometry, self.winograd = state, {}, None
+        return True
+
+    def get_winograd(self, weight: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
+        """conv_winograd.transform_weight(weight), kept while the weight is unchanged."""
+        if not self._fresh(weight):
+            return None
+        if self.winograd is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self.winograd = conv_winograd.transform_weight(weight)
+        return self.winograd
+
+    def get(self, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> Optional[torch.Tensor]:
+        if not self._fresh(weight):
+            return None
         key = (x.shape[0], x.shape[2], x.shape[3], stride[0], stride[1], padding[0], padding[1])
         packed = self.by_geometry.get(key)
         if packed is None:
@@ -307,6 +324,17 @@ def _prepack_dtypes() -> Tuple[torch.dtype, ...]:
     return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
+def _prepacked_inference(x, weight, bias, residual) -> Optional[_Packed]:
+    """``weight``'s _Packed when the prepacked paths may run: the weight was registered with
+    ``prepack``, no gradient is needed and the output is channels_last (eager only)."""
+    entry = _prepacked(weight) if _PACKED else None
+    if entry is None or output_memory_format(x, weight) != torch.channels_last:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return None
+    return entry
+
+
 def _cpu(x, weight, bias, residual, stride, padding, relu):
     """The ``cpu`` backend: for a prepacked weight (``prepack``), channels_last output and no
     gradient needed, oneDNN's convolution on the prepacked weight (1.05-1.6x F.conv2d on
@@ -315,12 +343,8 @@ def _cpu(x, weight, bias, residual, stride, padding, relu):
     (csrc/cpu/fused_conv2d.cpp)."""
     if torch.compiler.is_compiling():  # traced code: the op (the prepacked cache is eager-only)
         return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
-    entry = _prepacked(weight) if _PACKED else None
+    entry = _prepacked_inference(x, weight, bias, residual)
     if entry is not None and x.dtype in _prepack_dtypes() and torch._C._get_mkldnn_enabled() \
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)
-                                                  or (residual is not None and residual.requires_grad))) \
-            and output_memory_format(x, weight) == torch.channels_last \
             and not (x.dtype == torch.bfloat16 and stride[1] > 1
                      and (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] == 0):
         wp = entry.get(weight, x, stride, padding)
@@ -333,6 +357,33 @@ def _cpu(x, weight, bias, residual, stride, padding, relu):
                     x, residual, wp, bias, padding, stride, [1, 1], 1, "add", None, None, [], None)
             return y.relu_() if relu else y
     return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
+
+
+def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
+    """Why the ``winograd`` backend can't run these inputs."""
+    if x.device.type != "cpu":
+        return f"the 'winograd' backend runs CPU tensors, got {x.device.type} tensors"
+    if x.dtype != torch.float32:
+        return f"dtype {x.dtype}: the 'winograd' backend runs float32"
+    if tuple(weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
+        return "the 'winograd' backend runs 3x3 convolutions with stride 1 and padding 1"
+    return _ext.cpu_reason()  # what it can't run itself goes to the cpu backend
+
+
+def _winograd(x, weight, bias, residual, stride, padding, relu):
+    """The ``winograd`` backend (CPU, fp32, 3x3, stride 1, padding 1): for a prepacked weight
+    (``prepack``), channels_last output and no gradient needed, Winograd F(2x2, 3x3)
+    (ops/conv_winograd.py) when the input is finite and far from overflow, then torch's
+    NaN-keeping ReLU in place; everything else as the ``cpu`` backend. ``auto`` takes it for the
+    layers where it measures faster (the large ones: VGG's and ResNet's 256-512 channel 3x3s)."""
+    if not torch.compiler.is_compiling():
+        entry = _prepacked_inference(x, weight, bias, residual)
+        if entry is not None and x.dtype == torch.float32:
+            wino = entry.get_winograd(weight)
+            if wino is not None and conv_winograd.safe(x, wino[1]):
+                y = conv_winograd.conv3x3(x, wino[0], bias, residual)
+                return y.relu_() if relu else y
+    return _cpu(x, weight, bias, residual, stride, padding, relu)
 
 
 def _auto_impl(x, weight, bias, residual, stride, padding, relu):
@@ -351,11 +402,14 @@ backends.register(OP, "cuda", torch.ops.deeparch.fused_conv2d.default, _kernel_s
 backends.register(OP, "cutlass", torch.ops.deeparch.fused_conv2d_cutlass.default, _cutlass_supports)
 backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
+backends.register(OP, "winograd", _winograd, _winograd_supports, devices=("cpu",))
 if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
 # On the CPU "cpu" runs oneDNN on prepacked weights for the fused modules (1.05-1.6x F.conv2d
 # on ResNet's batch-1 layers, ~1.0-1.2x at batch 8, measured here): first when nothing is timed.
-backends.set_auto_order(OP, "cpu", ("cpu", "aten"))
+# "winograd" is 1.1-1.5x "cpu" on the 128-512 channel 3x3 layers and 0.3-0.8x on the 64-channel
+# and 224x224 ones (2-core AVX-512 EPYC, batch 1): taken only where timing says so.
+backends.set_auto_order(OP, "cpu", ("cpu", "winograd", "aten"))
 
 
 # --------------------------------------------------------------------------- the public function

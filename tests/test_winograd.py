@@ -1,0 +1,173 @@
+"""The CPU ``winograd`` backend (issue 13): Winograd F(2x2, 3x3) against float64 on odd sizes,
+views and both residual layouts; NaN and Inf exactly as torch gives them (the direct convolution
+runs such inputs); its transformed weight kept while the weight is unchanged and remade after an
+in-place write; what it refuses, with the reason; ``auto`` verifies it like every backend."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deeparch_kernels as dk
+from deeparch_kernels import backends
+from deeparch_kernels.ops import conv as conv_op, conv_winograd
+from deeparch_kernels.testing import nonfinite_mismatch, op_tolerance, rel_err
+
+from helpers import backends_for, randn
+
+pytestmark = pytest.mark.skipif("cpu" not in backends_for("cpu") or not torch.backends.mkldnn.is_available(),
+                                reason="needs the C++ extension and oneDNN")
+CL = torch.channels_last
+TOL = op_tolerance("fused_conv2d", torch.float32, torch.device("cpu"))
+
+
+def _ref(x, w, b, r, relu):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, 1)
+    if r is not None:
+        y = y + r.double()
+    return torch.relu(y) if relu else y
+
+
+def _torch(x, w, b, r, relu):
+    """torch's own fp32 result, for NaN/Inf positions."""
+    y = F.conv2d(x, w, b, 1, 1)
+    if r is not None:
+        y = y + r
+    return torch.relu(y) if relu else y
+
+
+def _case(gen, n, c, h, w_, k, bias=True):
+    x = randn(n, c, h, w_, gen=gen).contiguous(memory_format=CL)
+    w = randn(k, c, 3, 3, gen=gen) / math.sqrt(9 * c)
+    conv_op.prepack(w)
+    b = randn(k, gen=gen) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("n,c,h,w,k", [(1, 1, 1, 1, 1), (2, 3, 5, 7, 4), (1, 16, 8, 8, 24),
+                                        (3, 5, 9, 6, 7), (1, 32, 14, 13, 16), (2, 8, 2, 3, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_transform_matches_float64(n, c, h, w, k, bias, gen):
+    x, wt, b = _case(gen, n, c, h, w, k, bias)
+    u, _ = conv_winograd.transform_weight(wt)
+    out = conv_winograd.conv3x3(x, u, b, None)
+    assert out.shape == (n, k, h, w) and out.is_contiguous(memory_format=CL)
+    assert rel_err(out, _ref(x, wt, b, None, False)) <= TOL
+
+
+@pytest.mark.parametrize("residual", [None, "nchw", "cl"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_backend_matches_float64(residual, relu, gen):
+    x, w, b = _case(gen, 2, 12, 9, 10, 20)
+    r = None if residual is None else randn(2, 20, 9, 10, gen=gen)
+    if residual == "cl":
+        r = r.contiguous(memory_format=CL)
+    out = torch.full((2, 20, 9, 10), float("nan")).contiguous(memory_format=CL)  # poisoned
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, b, residual=r, relu=relu, backend="winograd")
+    assert conv_op._prepacked(w).winograd is not None  # the Winograd path ran
+    assert out.is_contiguous(memory_format=CL)
+    assert rel_err(out, _ref(x, w, b, r, relu)) <= TOL
+
+
+def test_strided_view_input(gen):
+    big = randn(2, 24, 12, 12, gen=gen).contiguous(memory_format=CL)
+    x = big[:, 4:20, 1:10, 2:11]  # a channels_last view, not contiguous
+    w = randn(8, 16, 3, 3, gen=gen) / 12
+    conv_op.prepack(w)
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, None, backend="winograd")
+    assert rel_err(out, _ref(x, w, None, None, True)) <= TOL
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e37])
+@pytest.mark.parametrize("relu", [True, False])
+def test_nonfinite_and_huge_inputs_come_out_as_torch_gives_them(value, relu, gen):
+    """A NaN would smear over its 4x4 tile and an Inf turn into NaN through the transforms: such
+    inputs (and inputs near overflow) run on the direct convolution, so positions match torch."""
+    x, w, b = _case(gen, 1, 8, 10, 10, 6)
+    x[0, 3, 4, 5] = value
+    x[0, 1, 9, 0] = value
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, b, relu=relu, backend="winograd")
+    want = _torch(x, w, b, None, relu)
+    assert nonfinite_mismatch(out, want) is None
+    assert rel_err(out, _ref(x, w, b, None, relu)) <= TOL or value == 3e37
+
+
+def test_nonfinite_residual_comes_out_as_torch_gives_it(gen):
+    x, w, b = _case(gen, 1, 8, 6, 6, 8)
+    r = randn(1, 8, 6, 6, gen=gen).contiguous(memory_format=CL)
+    r[0, 2, 3, 3], r[0, 5, 0, 1], r[0, 1, 1, 1] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, b, residual=r, backend="winograd")
+    assert nonfinite_mismatch(out, _torch(x, w, b, r, True)) is None
+
+
+def test_nonfinite_weight_runs_the_cpu_backend(gen):
+    """A non-finite weight: the cpu backend's direct convolution runs it, bit for bit. (That one,
+    oneDNN on the prepacked weight, skips the zero padding where torch's conv2d multiplies it, so
+    at the borders Inf * 0 is not NaN there: a difference from torch that this does not change.)"""
+    x, w, b = _case(gen, 1, 4, 6, 6, 4)
+    with torch.no_grad():
+        w[1, 2, 0, 0] = float("inf")
+        out = dk.fused_conv2d(x, w, b, backend="winograd")
+        direct = dk.fused_conv2d(x, w, b, backend="cpu")
+    assert conv_op._prepacked(w).winograd[1] == float("inf")
+    assert torch.equal(out.nan_to_num(), direct.nan_to_num()) and torch.equal(out.isnan(), direct.isnan())
+
+
+def test_weight_written_in_place_is_seen(gen):
+    x, w, b = _case(gen, 1, 8, 7, 7, 8)
+    with torch.no_grad():
+        dk.fused_conv2d(x, w, b, backend="winograd")
+        first = conv_op._prepacked(w).winograd
+        w.mul_(-2.0)
+        out = dk.fused_conv2d(x, w, b, backend="winograd")
+    assert conv_op._prepacked(w).winograd is not first
+    assert rel_err(out, _ref(x, w, b, None, True)) <= TOL
+
+
+def test_unprepacked_weight_or_gradient_runs_the_cpu_backend(gen):
+    x = randn(1, 8, 7, 7, gen=gen).contiguous(memory_format=CL)
+    w = randn(8, 8, 3, 3, gen=gen) / 8
+    out = dk.fused_conv2d(x, w, None, backend="winograd")  # not prepacked: the cpu backend runs it
+    assert rel_err(out, _ref(x, w, None, None, True)) <= TOL
+    wg = w.clone().requires_grad_()
+    conv_op.prepack(wg)
+    y = dk.fused_conv2d(x, wg, None, backend="winograd")
+    y.sum().backward()
+    assert wg.grad is not None and conv_op._prepacked(wg).winograd is None
+
+
+@pytest.mark.parametrize("what,args,why", [
+    ("stride", dict(stride=2), "stride 1"),
+    ("1x1", dict(kernel=1), "3x3"),
+    ("padding", dict(padding=0), "padding 1"),
+    ("bf16", dict(dtype=torch.bfloat16), "float32"),
+])
+def test_refuses_what_it_does_not_run_with_the_reason(what, args, why, gen):
+    dtype = args.get("dtype", torch.float32)
+    k = args.get("kernel", 3)
+    x = randn(1, 4, 6, 6, gen=gen, dtype=dtype)
+    w = randn(4, 4, k, k, gen=gen, dtype=dtype)
+    with pytest.raises(dk.BackendUnavailable, match=why):
+        dk.fused_conv2d(x, w, None, stride=args.get("stride", 1), padding=args.get("padding", k // 2),
+                        backend="winograd")
+
+
+def test_auto_verifies_and_may_choose_it(gen, monkeypatch, tmp_path):
+    """auto lists winograd among the CPU candidates of a 3x3 layer, verifies it against stock
+    PyTorch and takes whichever is fastest (here: forced by making it the only one of ours)."""
+    monkeypatch.setenv("DEEPARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(backends._OP_ORDER, ("fused_conv2d", "cpu"), ("aten",))
+    backends.clear_cache()
+    x, w, b = _case(gen, 1, 16, 10, 10, 16)
+    why = backends.reasons("fused_conv2d", x.device, x, w, b, None, [1, 1], [1, 1], True)
+    assert why["winograd"] is None
+    monkeypatch.setattr(backends, "MARGIN", -10.0)  # ours always "faster": the verified plugin wins
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, b)
+    assert "winograd" in backends.cached_choices().values()
+    assert rel_err(out, _ref(x, w, b, None, True)) <= TOL
+    backends.clear_cache()
