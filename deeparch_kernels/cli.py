@@ -166,12 +166,13 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         bench_b.remove("triton")
         notes.append("triton is not timed on a CPU: the interpreter (TRITON_INTERPRET=1) is far too "
                      "slow; it is verified on tiny shapes only")
-    # Whole models: on a GPU, "auto" (what users get; every explicit backend would autotune its
-    # Triton kernels for each layer shape again: minutes); on a CPU each of ours (cheap), and
-    # "auto" (what users get: per layer the fastest of cpu, winograd and aten).
-    model_b = ["auto"] if gpu and not a.backends else [n for n in bench_b if n != "reference"]
-    if not gpu and not a.backends:
-        model_b.append("auto")
+    # Whole models: "auto", what users get (on a GPU every explicit backend would autotune its
+    # Triton kernels for each layer shape again: minutes); on a CPU also "cpu" (per layer the
+    # fastest of cpu, winograd and aten, against oneDNN's direct convolution everywhere).
+    if a.backends:
+        model_b = [n for n in bench_b if n != "reference"]
+    else:
+        model_b = ["auto"] if gpu else [n for n in bench_b if n not in ("reference", "aten")] + ["auto"]
     compile_ = not a.no_compile
     compile_models = compile_ and not a.no_compile_models
 

@@ -30,13 +30,15 @@ def _pyplot():
 
 
 def _style(plt, r: dict) -> dict:
-    """One colour per backend in every figure; baselines grey and hatched."""
+    """One colour per backend in every figure (ours under torch.compile dotted); baselines grey
+    and hatched."""
     if r["kind"] == "baseline":
         colour, hatch = BASELINE_STYLE.get(r["provider"], ("0.5", "--"))
         return dict(color=colour, hatch=hatch, edgecolor="black", linewidth=0.4)
     b = r.get("backend") or r["provider"]
     i = BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER) + sum(map(ord, b)) % 4
-    return dict(color=plt.get_cmap("tab10")(i), edgecolor="black", linewidth=0.4)
+    return dict(color=plt.get_cmap("tab10")(i), edgecolor="black", linewidth=0.4,
+                hatch=".." if r["provider"].startswith("compile:") else None)
 
 
 def _panel(plt, ax, grps: Dict[Tuple, List[dict]], value, ylabel: str, ref_line: Optional[float]) -> None:
