@@ -58,7 +58,7 @@ def test_transform_matches_float64(n, c, h, w, k, bias, gen):
 @pytest.mark.parametrize("residual", [None, "nchw", "cl"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_backend_matches_float64(residual, relu, gen):
-    x, w, b = _case(gen, 2, 12, 9, 10, 20)
+    x, w, b = _case(gen, 2, 16, 9, 10, 20)
     r = None if residual is None else randn(2, 20, 9, 10, gen=gen)
     if residual == "cl":
         r = r.contiguous(memory_format=CL)
@@ -85,7 +85,7 @@ def test_strided_view_input(gen):
 def test_nonfinite_and_huge_inputs_come_out_as_torch_gives_them(value, relu, gen):
     """A NaN would smear over its 4x4 tile and an Inf turn into NaN through the transforms: such
     inputs (and inputs near overflow) run on the direct convolution, so positions match torch."""
-    x, w, b = _case(gen, 1, 8, 10, 10, 6)
+    x, w, b = _case(gen, 1, 16, 10, 10, 6)
     x[0, 3, 4, 5] = value
     x[0, 1, 9, 0] = value
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_nonfinite_and_huge_inputs_come_out_as_torch_gives_them(value, relu, gen
 
 
 def test_nonfinite_residual_comes_out_as_torch_gives_it(gen):
-    x, w, b = _case(gen, 1, 8, 6, 6, 8)
+    x, w, b = _case(gen, 1, 16, 6, 6, 8)
     r = randn(1, 8, 6, 6, gen=gen).contiguous(memory_format=CL)
     r[0, 2, 3, 3], r[0, 5, 0, 1], r[0, 1, 1, 1] = float("nan"), float("inf"), -float("inf")
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_nonfinite_weight_runs_the_cpu_backend(gen):
     """A non-finite weight: the cpu backend's direct convolution runs it, bit for bit. (That one,
     oneDNN on the prepacked weight, skips the zero padding where torch's conv2d multiplies it, so
     at the borders Inf * 0 is not NaN there: a difference from torch that this does not change.)"""
-    x, w, b = _case(gen, 1, 4, 6, 6, 4)
+    x, w, b = _case(gen, 1, 16, 6, 6, 4)
     with torch.no_grad():
         w[1, 2, 0, 0] = float("inf")
         out = dk.fused_conv2d(x, w, b, backend="winograd")
@@ -118,7 +118,7 @@ def test_nonfinite_weight_runs_the_cpu_backend(gen):
 
 
 def test_weight_written_in_place_is_seen(gen):
-    x, w, b = _case(gen, 1, 8, 7, 7, 8)
+    x, w, b = _case(gen, 1, 16, 7, 7, 8)
     with torch.no_grad():
         dk.fused_conv2d(x, w, b, backend="winograd")
         first = conv_op._prepacked(w).winograd
@@ -129,8 +129,8 @@ def test_weight_written_in_place_is_seen(gen):
 
 
 def test_unprepacked_weight_or_gradient_runs_the_cpu_backend(gen):
-    x = randn(1, 8, 7, 7, gen=gen).contiguous(memory_format=CL)
-    w = randn(8, 8, 3, 3, gen=gen) / 8
+    x = randn(1, 16, 7, 7, gen=gen).contiguous(memory_format=CL)
+    w = randn(8, 16, 3, 3, gen=gen) / 12
     out = dk.fused_conv2d(x, w, None, backend="winograd")  # not prepacked: the cpu backend runs it
     assert rel_err(out, _ref(x, w, None, None, True)) <= TOL
     wg = w.clone().requires_grad_()
@@ -145,12 +145,14 @@ def test_unprepacked_weight_or_gradient_runs_the_cpu_backend(gen):
     ("1x1", dict(kernel=1), "3x3"),
     ("padding", dict(padding=0), "padding 1"),
     ("bf16", dict(dtype=torch.bfloat16), "float32"),
+    ("channels", dict(channels=4), "16 or more"),
 ])
 def test_refuses_what_it_does_not_run_with_the_reason(what, args, why, gen):
     dtype = args.get("dtype", torch.float32)
     k = args.get("kernel", 3)
-    x = randn(1, 4, 6, 6, gen=gen, dtype=dtype)
-    w = randn(4, 4, k, k, gen=gen, dtype=dtype)
+    c = args.get("channels", 16)
+    x = randn(1, c, 6, 6, gen=gen, dtype=dtype)
+    w = randn(4, c, k, k, gen=gen, dtype=dtype)
     with pytest.raises(dk.BackendUnavailable, match=why):
         dk.fused_conv2d(x, w, None, stride=args.get("stride", 1), padding=args.get("padding", k // 2),
                         backend="winograd")

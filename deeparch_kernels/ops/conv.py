@@ -367,6 +367,8 @@ def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
         return f"dtype {x.dtype}: the 'winograd' backend runs float32"
     if tuple(weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
         return "the 'winograd' backend runs 3x3 convolutions with stride 1 and padding 1"
+    if weight.shape[1] < 16:  # measured: slower there; with C=1 its rounding can pass the bound
+        return f"{weight.shape[1]} input channels: the 'winograd' backend runs 16 or more"
     return _ext.cpu_reason()  # what it can't run itself goes to the cpu backend
 
 
