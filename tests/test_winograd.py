@@ -173,3 +173,41 @@ def test_auto_verifies_and_may_choose_it(gen, monkeypatch, tmp_path):
     assert "winograd" in backends.cached_choices().values()
     assert rel_err(out, _ref(x, w, b, None, True)) <= TOL
     backends.clear_cache()
+
+
+def test_compile_with_freezing_runs_the_remembered_winograd(gen, monkeypatch, tmp_path):
+    """Under torch.compile with inductor's freezing a layer whose remembered eager choice is
+    winograd runs it from the compiled graph (one graph: fullgraph), keeping the transform of
+    the frozen weight; NaN still comes out where eager puts it."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    monkeypatch.setenv("DEEPARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(backends._OP_ORDER, ("fused_conv2d", "cpu"), ("aten",))
+    monkeypatch.setattr(backends, "MARGIN", -10.0)  # the verified winograd always wins the timing
+    backends.clear_cache()
+    calls = []
+    real = conv_winograd.conv3x3
+    monkeypatch.setattr(conv_winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.BatchNorm2d(24),
+                                torch.nn.ReLU()).eval()
+    fused = dk.fuse(model).to(memory_format=CL)
+    x = randn(2, 16, 9, 8, gen=gen).contiguous(memory_format=CL)
+    xn = x.clone()
+    xn[1, 3, 4, 4] = float("nan")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fused(x)  # eager: auto verifies, times and remembers winograd for this layer
+        assert list(backends.cached_choices().values()) == ["winograd"]
+        calls.clear()
+        compiled = torch.compile(fused, fullgraph=True)
+        out = compiled(x)
+        assert calls  # the compiled graph ran Winograd
+        assert rel_err(out, model.double()(x.double())) <= TOL
+        model.float()
+        out_nan, want_nan = compiled(xn), model(xn)
+    assert torch.equal(out_nan.isnan(), want_nan.isnan()) and bool(want_nan.isnan().any())
+    torch.testing.assert_close(out_nan.nan_to_num(), want_nan.nan_to_num(), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    backends.clear_cache()

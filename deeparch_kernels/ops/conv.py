@@ -4,6 +4,9 @@
                                      int[2] stride, int[2] padding, bool relu) -> Tensor
               deeparch::fused_conv2d_auto(...same...) -> Tensor: ``backend="auto"`` as one op,
               the choice made when it runs (what torch.compile and torch.export record)
+              deeparch::fused_conv2d_frozen(...same...) -> Tensor: the same, for a weight that
+              stays (what torch.compile with inductor's freezing records for a layer whose
+              remembered choice is ``winograd``: its weight transform is kept)
   cpu         csrc/cpu/fused_conv2d.cpp (oneDNN conv + one fused epilogue pass)
   cutlass     deeparch::fused_conv2d_cutlass below, csrc/cuda/cutlass/ (CUTLASS 3.x sm_90a:
               TMA im2col + WGMMA, the epilogue fused through CUTLASS's visitor tree)
@@ -53,6 +56,7 @@ _SCHEMA_ARGS = ("Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2]
                 "int[2] padding, bool relu")
 lib.define(f"fused_conv2d({_SCHEMA_ARGS}) -> Tensor")
 lib.define(f"fused_conv2d_auto({_SCHEMA_ARGS}) -> Tensor")
+lib.define(f"fused_conv2d_frozen({_SCHEMA_ARGS}) -> Tensor")
 
 IntPair = Union[int, Sequence[int]]
 
@@ -393,10 +397,20 @@ def _auto_impl(x, weight, bias, residual, stride, padding, relu):
     return _dispatch(x, weight, bias, residual, stride, padding, relu, "auto", None)
 
 
+def _frozen_impl(x, weight, bias, residual, stride, padding, relu):
+    """deeparch::fused_conv2d_frozen when it runs: ``weight`` is a constant of a frozen graph,
+    so the cpu backends may keep what they derive from it (``prepack``), then the eager ``auto``
+    dispatch."""
+    prepack(weight)
+    return _dispatch(x, weight, bias, residual, stride, padding, relu, "auto", None)
+
+
 lib.impl("fused_conv2d_auto", _auto_impl, "CPU")
 lib.impl("fused_conv2d_auto", _auto_impl, "CUDA")
-torch.library.register_fake("deeparch::fused_conv2d_auto")(_fake)
-torch.library.register_autograd("deeparch::fused_conv2d_auto", _backward, setup_context=_setup_context)
+lib.impl("fused_conv2d_frozen", _frozen_impl, "CPU")
+for _name in ("fused_conv2d_auto", "fused_conv2d_frozen"):
+    torch.library.register_fake(f"deeparch::{_name}")(_fake)
+    torch.library.register_autograd(f"deeparch::{_name}", _backward, setup_context=_setup_context)
 
 backends.define_op(OP, check=_check)
 backends.register(OP, "cpu", _cpu, _kernel_supports)
@@ -472,12 +486,23 @@ def _inductor_packs_cpu_convs(x, weight, bias, residual) -> bool:
     return bool(inductor_config.freezing) and torch.compiler.is_compiling()
 
 
+@torch._dynamo.assume_constant_result
+def _remembered_cpu_choice(key: tuple) -> Optional[str]:
+    """auto's remembered CPU choice for ``key``, read while torch.compile traces (a constant of
+    the graph: files are read, nothing is traced)."""
+    return backends.remembered(OP, torch.device("cpu"), key)
+
+
 def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
     """The kernel path: validated arguments in the op's own form (4-D, one dtype, residual of
     the output's shape and dtype); the chosen implementation, remembered for ``fast``."""
     args = (x, weight, bias, residual, list(stride), list(padding), relu)
     if backend == "auto" and backends.is_tracing():
         if _inductor_packs_cpu_convs(x, weight, bias, residual):
+            if _winograd_supports(*args) is None and _remembered_cpu_choice(_key(*args)) == "winograd":
+                # eager auto found Winograd faster than oneDNN here (only a remembered choice is
+                # read while tracing): the op that keeps its transform of the frozen weight
+                return torch.ops.deeparch.fused_conv2d_frozen(*args)
             # torch.compile with freezing prepacks stock convolutions for oneDNN: give it one,
             # with the epilogue in ops it can't fuse into oneDNN's NaN-swallowing ReLU.
             y = conv2d(x, weight, bias, stride, padding)
