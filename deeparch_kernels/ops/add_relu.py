@@ -186,6 +186,25 @@ def _key(x: torch.Tensor, identity: torch.Tensor) -> tuple:
             identity.stride() == x.stride())
 
 
+def _implementation(op: str, x, identity, backend: str):
+    """(the implementation to call, whether the fast path remembered it); (None, False) for
+    ``auto`` while tracing (the caller writes stock ops). On a miss the arguments are checked
+    and the backend chosen (backends.choose), then remembered for these tensor signatures."""
+    try:
+        fast = (op, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
+    except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
+        fast = None
+    fn = backends.fast_lookup(fast)
+    if fn is not None:
+        return fn, True
+    if backend == "auto" and backends.is_tracing():
+        return None, False
+    _check_args(op, x, identity, inplace=op == OP_)
+    fn = backends.impl(op, backends.choose(op, backend, x.device, _key(x, identity), (x, identity)))
+    backends.fast_store(fast, fn)
+    return fn, False
+
+
 def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``relu(x + identity)`` in one pass; the output keeps x's memory format.
 
@@ -196,17 +215,9 @@ def add_relu(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto") 
     proxy = fx_proxy(x, identity)
     if proxy is not None:  # torch.fx.symbolic_trace: one call_function node
         return proxy.tracer.create_proxy("call_function", add_relu, (x, identity), {"backend": backend})
-    try:
-        fast = (OP, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
-    except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
-        fast = None
-    fn = backends.fast_lookup(fast)
-    if fn is None:
-        if backend == "auto" and backends.is_tracing():
-            return torch.relu(x + identity)  # stock ops: the compiler fuses them with their neighbours
-        _check_args(OP, x, identity, inplace=False)
-        fn = backends.impl(OP, backends.choose(OP, backend, x.device, _key(x, identity), (x, identity)))
-        backends.fast_store(fast, fn)
+    fn, _ = _implementation(OP, x, identity, backend)
+    if fn is None:  # auto while tracing: stock ops, which the compiler fuses with their neighbours
+        return torch.relu(x + identity)
     return fn(x, identity)
 
 
@@ -223,17 +234,10 @@ def add_relu_(x: torch.Tensor, identity: torch.Tensor, *, backend: str = "auto")
         # Autograd through the out-of-place op, then an autograd-aware copy into x (like x += y,
         # this raises for a leaf that requires grad).
         return x.copy_(add_relu(x, identity, backend=backend))
-    try:
-        fast = (OP_, backend, backends.tensor_sig(x), backends.tensor_sig(identity))
-    except (AttributeError, RuntimeError):  # not (dense) tensors: the checks below say so
-        fast = None
-    fn = backends.fast_lookup(fast)
+    fn, fast_hit = _implementation(OP_, x, identity, backend)
     if fn is None:
-        if backend == "auto" and backends.is_tracing():
-            return x.add_(identity).relu_()
-        _check_args(OP_, x, identity, inplace=True)
-        fn = backends.impl(OP_, backends.choose(OP_, backend, x.device, _key(x, identity), (x, identity)))
-        backends.fast_store(fast, fn)
-    elif x.data_ptr() != identity.data_ptr() and x.untyped_storage().data_ptr() == identity.untyped_storage().data_ptr():
+        return x.add_(identity).relu_()
+    if fast_hit and x.data_ptr() != identity.data_ptr() \
+            and x.untyped_storage().data_ptr() == identity.untyped_storage().data_ptr():
         check_inplace_overlap(OP_, x, identity)  # same signatures, but views of one storage
     return fn(x, identity)
