@@ -402,17 +402,6 @@ def choose(op: str, backend: str, device: torch.device, key: tuple, args: Sequen
     return choice
 
 
-def remembered(op: str, device: torch.device, key: tuple) -> Optional[str]:
-    """``auto``'s remembered choice for ``op`` on inputs described by ``key`` (in memory, else
-    on disk), or None; runs and times nothing (what traced code may read)."""
-    full_key = (op, str(device), key, _precision.key(device.type))
-    hit = _CHOICES.get(full_key)
-    if hit is None:
-        stored = choice_cache.lookup(device, full_key)
-        hit = stored[0] if stored is not None else None
-    return hit
-
-
 def cached_choices() -> Mapping[tuple, str]:
     """What ``auto`` has picked so far in this process: (op, device, key, precision) -> backend."""
     return dict(_CHOICES)

@@ -176,9 +176,10 @@ def test_auto_verifies_and_may_choose_it(gen, monkeypatch, tmp_path):
 
 
 def test_compile_with_freezing_runs_the_remembered_winograd(gen, monkeypatch, tmp_path):
-    """Under torch.compile with inductor's freezing a layer whose remembered eager choice is
-    winograd runs it from the compiled graph (one graph: fullgraph), keeping the transform of
-    the frozen weight; NaN still comes out where eager puts it."""
+    """Under torch.compile with inductor's freezing a layer winograd may run is recorded as
+    deeparch::fused_conv2d_frozen, whose auto choice (here winograd) runs from the compiled graph
+    (one graph: fullgraph), keeping the transform of the frozen weight; NaN still comes out where
+    eager puts it."""
     from torch._inductor import config as inductor_config
 
     monkeypatch.setattr(inductor_config, "freezing", True)
@@ -209,5 +210,31 @@ def test_compile_with_freezing_runs_the_remembered_winograd(gen, monkeypatch, tm
         out_nan, want_nan = compiled(xn), model(xn)
     assert torch.equal(out_nan.isnan(), want_nan.isnan()) and bool(want_nan.isnan().any())
     torch.testing.assert_close(out_nan.nan_to_num(), want_nan.nan_to_num(), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    backends.clear_cache()
+
+
+def test_compile_with_freezing_and_dynamic_shapes_after_winograd_was_chosen(gen, monkeypatch, tmp_path):
+    """A dynamic batch size under freezing after winograd was chosen: the graph compiles (the
+    choice is made when the op runs, not read while tracing) and gives torch's result."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    monkeypatch.setenv("DEEPARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(backends._OP_ORDER, ("fused_conv2d", "cpu"), ("aten",))
+    monkeypatch.setattr(backends, "MARGIN", -10.0)
+    backends.clear_cache()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.BatchNorm2d(24),
+                                torch.nn.ReLU()).eval()
+    fused = dk.fuse(model).to(memory_format=CL)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fused(randn(2, 16, 9, 8, gen=gen).contiguous(memory_format=CL))  # remembers winograd
+        compiled = torch.compile(fused, dynamic=True)
+        for n in (2, 3):
+            x = randn(n, 16, 9, 8, gen=gen).contiguous(memory_format=CL)
+            assert rel_err(compiled(x), model.double()(x.double())) <= TOL
+            model.float()
     torch._dynamo.reset()
     backends.clear_cache()

@@ -5,8 +5,8 @@
               deeparch::fused_conv2d_auto(...same...) -> Tensor: ``backend="auto"`` as one op,
               the choice made when it runs (what torch.compile and torch.export record)
               deeparch::fused_conv2d_frozen(...same...) -> Tensor: the same, for a weight that
-              stays (what torch.compile with inductor's freezing records for a layer whose
-              remembered choice is ``winograd``: its weight transform is kept)
+              stays (what torch.compile with inductor's freezing records for a layer the
+              ``winograd`` backend may run: what the backends derive from it is kept)
   cpu         csrc/cpu/fused_conv2d.cpp (oneDNN conv + one fused epilogue pass)
   cutlass     deeparch::fused_conv2d_cutlass below, csrc/cuda/cutlass/ (CUTLASS 3.x sm_90a:
               TMA im2col + WGMMA, the epilogue fused through CUTLASS's visitor tree)
@@ -486,22 +486,15 @@ def _inductor_packs_cpu_convs(x, weight, bias, residual) -> bool:
     return bool(inductor_config.freezing) and torch.compiler.is_compiling()
 
 
-@torch._dynamo.assume_constant_result
-def _remembered_cpu_choice(key: tuple) -> Optional[str]:
-    """auto's remembered CPU choice for ``key``, read while torch.compile traces (a constant of
-    the graph: files are read, nothing is traced)."""
-    return backends.remembered(OP, torch.device("cpu"), key)
-
-
 def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
     """The kernel path: validated arguments in the op's own form (4-D, one dtype, residual of
     the output's shape and dtype); the chosen implementation, remembered for ``fast``."""
     args = (x, weight, bias, residual, list(stride), list(padding), relu)
     if backend == "auto" and backends.is_tracing():
         if _inductor_packs_cpu_convs(x, weight, bias, residual):
-            if _winograd_supports(*args) is None and _remembered_cpu_choice(_key(*args)) == "winograd":
-                # eager auto found Winograd faster than oneDNN here (only a remembered choice is
-                # read while tracing): the op that keeps its transform of the frozen weight
+            if _winograd_supports(*args) is None:
+                # a layer winograd may run: auto chooses when it runs (winograd, or oneDNN on the
+                # weight it prepacks, as inductor would), keeping what it derives from the weight
                 return torch.ops.deeparch.fused_conv2d_frozen(*args)
             # torch.compile with freezing prepacks stock convolutions for oneDNN: give it one,
             # with the epilogue in ops it can't fuse into oneDNN's NaN-swallowing ReLU.
