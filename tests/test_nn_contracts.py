@@ -108,6 +108,34 @@ def test_fold_sees_data_edits_of_batchnorm():
     _assert_matches_f64(fused, tv, x)
 
 
+@pytest.mark.parametrize("what", ["running_mean", "running_var", "weight", "bias", "conv_bias",
+                                  "eps", "dtype"])
+def test_fold_sees_each_batchnorm_input_on_its_own(what):
+    """The CPU fold is kept while each thing it is made from is unchanged by value: an edit of
+    any one of them alone (through ``.data``, no version counter bumped), BatchNorm's eps, or a
+    BatchNorm buffer replaced by one of the same values in another dtype, is seen at the next
+    call, inside inference_mode too."""
+    torch.manual_seed(3)
+    seq = nn.Sequential(nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+    randomize_batchnorm(seq, torch.Generator().manual_seed(4)).eval()
+    fused = FusedSequential.from_sequential(copy.deepcopy(seq))
+    x = _x(2, 5, 7, 9, seed=5)
+    with torch.inference_mode():
+        _assert_matches_f64(fused, seq, x, TOL_SAME)
+        keys = list(fused._fold_cache.keys())
+        for m in (seq, fused):
+            conv, bn = m[0], m[1]
+            if what == "eps":
+                bn.eps = 0.5
+            elif what == "dtype":
+                bn.running_var = bn.running_var.double() * 0 + 2.0 ** -20  # exact in fp32 too
+            else:
+                t = conv.bias if what == "conv_bias" else getattr(bn, what)
+                t.data.mul_(1.5 if what == "running_var" else -1.5).add_(0.25)
+        _assert_matches_f64(fused, seq, x, TOL_SAME)
+        assert list(fused._fold_cache.keys()) == keys  # refolded, not dropped
+
+
 def test_fold_sees_conv_weight_updates():
     """conv.weight changed in place under no_grad, by an optimizer, by torch's EMA
     (AveragedModel), or replaced (``.data =``, a new Parameter): all seen at the next call."""

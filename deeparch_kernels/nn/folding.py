@@ -25,10 +25,10 @@ parametrizations (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) a
                         torch's inductor freezing (``torch._inductor.config.freezing = True``)
                         folds it into constants, with freezing's own contract (weights never
                         change).
-  eager                 the K-sized scale and shift are computed live every call; the weight-sized
-                        product ``conv.weight * scale`` is cached (FoldCache). On the CPU the
-                        cache is valid while conv.weight is the same tensor object, storage and
-                        version and the live scale equals, by value, the one it was made with: so
+  eager                 the fold (``conv.weight * scale`` and the shift) is cached (FoldCache).
+                        On the CPU the cache is valid while conv.weight is the same tensor object,
+                        storage and version and BatchNorm's tensors, eps and conv.bias equal, by
+                        value, copies kept with the fold (a few K-sized comparisons a call): so
                         running-statistic updates in train mode (which bump no version counter),
                         in-place and ``.data`` edits of BatchNorm's parameters and buffers, and
                         in-place updates of conv.weight are all seen. On CUDA a value check would
@@ -81,11 +81,6 @@ def bn_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Ten
     return _bn_fold.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias, bn.eps)
 
 
-def _live_scale_shift(bn: nn.BatchNorm2d, conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """bn_scale_shift for the eager fold cache: one C++ call on the CPU (no gradient)."""
-    return _bn_fold.scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, conv_bias, bn.eps)
-
-
 def _scaled_weight(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight * scale`` per output channel, in fp32 (or wider), back in the weight's dtype;
     elementwise, so the weight's memory format is kept."""
@@ -130,13 +125,43 @@ def _stamps_hold(stamps: Tuple[Optional[_Stamp], ...], tensors: Sequence[Optiona
 
 
 class _Fold:
-    """One cached fold: what it was made from, and what was derived (a later derived tensor of
-    the folded weight, e.g. a prepacked copy, belongs here so that it shares its freshness)."""
+    """One cached fold: what it was made from (stamps of the tensors keyed by identity and version;
+    on the CPU also the values of the BatchNorm's tensors, eps and conv.bias), and what was
+    derived (a later derived tensor of the folded weight, e.g. a prepacked copy, belongs here so
+    that it shares its freshness)."""
 
-    __slots__ = ("stamps", "scale", "weight", "bias")
+    __slots__ = ("stamps", "values", "weight", "bias")
 
-    def __init__(self, stamps, scale: Tensor, weight: Tensor, bias: Tensor):
-        self.stamps, self.scale, self.weight, self.bias = stamps, scale, weight, bias
+    def __init__(self, stamps, values, weight: Tensor, bias: Tensor):
+        self.stamps, self.values, self.weight, self.bias = stamps, values, weight, bias
+
+
+def _bn_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Optional[Tensor], ...]:
+    """The tensors besides conv.weight that the fold is computed from: read from the modules'
+    parameter and buffer dicts (what nn.Module.__getattr__ returns, at a fifth of its cost), or
+    through the attributes where a name is not there (a parametrized weight or bias)."""
+    p, b = bn._parameters, bn._buffers
+    try:
+        return (b["running_mean"], b["running_var"], p["weight"], p["bias"], conv._parameters["bias"])
+    except KeyError:
+        return (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv.bias)
+
+
+def _snapshot(tensors: Sequence[Optional[Tensor]], eps: float) -> tuple:
+    return (eps,) + tuple(None if t is None else t.detach().clone() for t in tensors)
+
+
+def _same_values(snapshot: tuple, tensors: Sequence[Optional[Tensor]], eps: float) -> bool:
+    """``tensors`` and ``eps`` equal, by value, what ``snapshot`` copied (NaN never equals)."""
+    if snapshot[0] != eps:
+        return False
+    for s, t in zip(snapshot[1:], tensors):
+        if s is None or t is None:
+            if s is not t:
+                return False
+        elif s.dtype != t.dtype or not torch.equal(s, t):  # (equal compares shapes, not dtypes)
+            return False
+    return True
 
 
 class FoldCache:
@@ -144,8 +169,9 @@ class FoldCache:
     the one place that decides whether a fold is fresh (see the module docstring):
 
       CPU    valid while ``conv.weight`` is the same tensor (object, storage, layout, version
-             counter) and the live K-sized BatchNorm scale equals the cached one by value; the
-             bias (shift) is always the live one
+             counter) and BatchNorm's running_mean, running_var, weight, bias and eps and
+             conv.bias equal, by value, those the fold was made from (compared with copies kept
+             with it: a few K-sized comparisons per call, no fold arithmetic)
       other  (CUDA...) valid while conv.weight, conv.bias and bn's weight, bias, running_mean,
              running_var and num_batches_tracked are the same tensors with the same version
              counters: no value is read, so nothing waits for the device
@@ -173,25 +199,25 @@ class FoldCache:
         """The folded ``(weight, bias)`` for ``bn(conv(.))``, ``weight`` being conv.weight as just
         read through the module. Not differentiable (the caller checks no gradient is needed)."""
         fold = self._folds.get(key)
+        inputs = _bn_inputs(conv, bn)
         if weight.device.type == "cpu":
-            tensors: Tuple[Optional[Tensor], ...] = (weight,)
-            scale, shift = _live_scale_shift(bn, conv.bias)
-            if fold is None or not _stamps_hold(fold.stamps, tensors) \
-                    or not torch.equal(fold.scale, scale):
-                fold = self._refold(key, conv, bn, weight, tensors)
-            return fold.weight, shift.to(weight.dtype)
-        tensors = (weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   bn.num_batches_tracked)
+            if fold is None or not fold.stamps[0].holds(weight) \
+                    or not _same_values(fold.values, inputs, bn.eps):
+                fold = self._refold(key, conv, bn, weight, (weight,), inputs)
+            return fold.weight, fold.bias
+        tensors = (weight,) + inputs + (bn.num_batches_tracked,)
         if fold is None or not _stamps_hold(fold.stamps, tensors):
-            fold = self._refold(key, conv, bn, weight, tensors)
+            fold = self._refold(key, conv, bn, weight, tensors, None)
         return fold.weight, fold.bias
 
     def _refold(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor,
-                tensors: Tuple[Optional[Tensor], ...]) -> _Fold:
+                tensors: Tuple[Optional[Tensor], ...], values: Optional[tuple]) -> _Fold:
         # Outside inference mode, so the cached tensors are usable outside it too.
         with torch.inference_mode(False), torch.no_grad():
-            scale, shift = _live_scale_shift(bn, conv.bias)
-            fold = _Fold(None, scale, _scaled_weight(weight, scale), shift.to(weight.dtype))
+            scale, shift = _bn_fold.scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                                conv.bias, bn.eps)
+            snapshot = None if values is None else _snapshot(values, bn.eps)
+            fold = _Fold(None, snapshot, _scaled_weight(weight, scale), shift.to(weight.dtype))
         if fold.weight.device.type == "cpu":
             prepack(fold.weight)  # oneDNN's prepacked copies live and go with this fold
         try:
