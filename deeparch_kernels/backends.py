@@ -421,12 +421,24 @@ def exclusions() -> List[Exclusion]:
             for b, why in entry.items()]
 
 
+_GENERATION = 0  # bumped whenever choices are forgotten (see generation())
+
+
+def generation() -> int:
+    """A number that changes whenever the choices are forgotten (``clear_cache``, ``register``,
+    ``unregister``): what a caller that keeps a fast-path entry beyond the call (ops/conv.py
+    BoundConv) compares to know the entry still stands."""
+    return _GENERATION
+
+
 def _forget(op: Optional[str] = None) -> None:
     """Drop the in-memory choices (of one op, or all) and the fast path."""
+    global _GENERATION
     for table in (_CHOICES, _EXCLUDED):
         for k in [k for k in table if op is None or k[0] == op]:
             del table[k]
     _FAST.clear()
+    _GENERATION += 1
 
 
 def clear_cache(disk: bool = False) -> None:

@@ -148,3 +148,54 @@ def test_compile_with_freezing_keeps_nan(gen, monkeypatch):
         out = torch.compile(block)(x)
     assert torch.equal(out.isnan(), want.isnan()) and bool(want.isnan().any())
     torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen):
+    """After an eager inference call, each fold keeps its fused_conv2d call bound
+    (ops/conv.py BoundConv: the fast path's per-call work done once, oneDNN on the prepacked
+    weight). Later calls with inputs like the first take it and give the full path's result bit
+    for bit, NaN included; a call unlike the bound one (another shape, other arguments, autocast,
+    a gradient needed, auto's choices forgotten, oneDNN off) takes the full path."""
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=cl)
+    block = dk.fuse(tv, backend="cpu").layer2[0]  # conv1 stride 2, conv2 + residual, downsample
+    x = randn(2, 64, 15, 13, gen=gen).contiguous(memory_format=cl)
+    x[1, 5, 3, 3] = float("nan")
+    with torch.inference_mode():
+        want = block(x)  # the full path, which binds
+        folds = block._fold_cache._folds
+        assert set(folds) == {"conv1", "conv2", "downsample"}
+        runs = []
+        for k, f in folds.items():
+            assert f.bound is not None, k
+            f.bound.run = (lambda run, k: lambda *a: runs.append(k) or run(*a))(f.bound.run, k)
+        got = block(x)
+        assert sorted(runs) == ["conv1", "conv2", "downsample"]
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got, tv.layer2[0](x), rtol=1e-4, atol=1e-4, equal_nan=True)
+        assert got[1].isnan().any() and not got[0].isnan().any()
+        runs.clear()
+        x3 = randn(3, 64, 15, 13, gen=gen).contiguous(memory_format=cl)
+        torch.testing.assert_close(block(x3), tv.layer2[0](x3), rtol=1e-4, atol=1e-4)
+        assert not runs  # another batch: the full path (and the folds now bind to it)
+    bound = folds["conv1"].bound
+    s, p = (2, 2), (1, 1)
+    assert bound.matches(x3, None, s, p, True, "cpu")
+    assert not bound.matches(x3, None, (1, 1), p, True, "cpu")
+    assert not bound.matches(x3, None, s, p, False, "cpu")
+    assert not bound.matches(x3, None, s, p, True, "aten")
+    assert not bound.matches(x3.contiguous(), None, s, p, True, "cpu")
+    assert not bound.matches(x3, x3, s, p, True, "cpu")
+    assert not bound.matches(x3.clone().requires_grad_(), None, s, p, True, "cpu")
+    with torch.no_grad():
+        assert bound.matches(x3.clone().requires_grad_(), None, s, p, True, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not bound.matches(x3, None, s, p, True, "cpu")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not bound.matches(x3, None, s, p, True, "cpu")
+    dk.backends.clear_cache()
+    assert not bound.matches(x3, None, s, p, True, "cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x3), tv.layer2[0](x3), rtol=1e-4, atol=1e-4)
+    assert folds["conv1"].bound is not bound and folds["conv1"].bound.matches(x3, None, s, p, True, "cpu")

@@ -13,6 +13,7 @@ deeparch_kernels.fuse and deeparch_kernels.models.
   conv_padding          a Conv2d's padding as the pair fused_conv2d takes
   is_channels_last      a 4-D tensor in channels_last (and not also contiguous)
   fused_conv            one fused_conv2d call with the residual put as a block's ``out +=`` puts it
+  bind_conv             after a fused_conv call: that call bound for later inputs like its own
   conv_epilogue         ``relu?(y + residual?)`` after an unfused convolution
   is_recorded           the ops run now are recorded to run again (tracing, CUDA graph capture)
 
@@ -31,9 +32,10 @@ from torch.nn.utils import parametrize
 
 from .. import backends as _backends
 from ..ops import add_relu, fused_conv2d
-from ..ops.conv import kernel_refusal, output_memory_format
+from ..ops.conv import BoundConv, bind, kernel_refusal, output_memory_format
 
 __all__ = [
+    "bind_conv",
     "check_backend_name",
     "conv_epilogue",
     "conv_padding",
@@ -135,13 +137,31 @@ def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequen
     with the residual put in the output's dtype, as a block's ``out += identity`` casts it, and
     memory format. One call_function node under torch.fx."""
     if residual is not None:
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
-        if residual.dtype != dt:
-            residual = residual.to(dt)
-        residual = _to_format(residual, output_memory_format(x, weight))
+        residual = _op_residual(x, weight, residual)
     return fused_conv2d(x, weight, bias, stride=(stride[0], stride[1]), padding=padding,
                         residual=residual, relu=relu, backend=backend)
+
+
+def _op_residual(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    """The residual as fused_conv hands it to fused_conv2d: in the output's dtype (autocast's
+    when it is on) and memory format."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
+    if residual.dtype != dt:
+        residual = residual.to(dt)
+    return _to_format(residual, output_memory_format(x, weight))
+
+
+def bind_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+              padding: Tuple[int, int], residual: Optional[Tensor], relu: bool,
+              backend: str) -> Optional[BoundConv]:
+    """After ``fused_conv(x, weight, bias, stride, padding, residual, relu, backend)`` ran (eager):
+    the call bound for later inputs like these (ops/conv.py BoundConv; its ``run(x, residual)``),
+    or None (nothing to bind, or a residual fused_conv converts). ``weight`` and ``bias`` must
+    not be written while it is kept."""
+    if residual is not None and _op_residual(x, weight, residual) is not residual:
+        return None
+    return bind(x, weight, bias, residual, stride, padding, relu, backend)
 
 
 def conv_epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:

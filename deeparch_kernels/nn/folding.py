@@ -64,8 +64,9 @@ from torch import Tensor, nn
 from ..ops import bn_fold as _bn_fold
 from ..ops.conv import prepack, warn_unversioned_weight
 from ._torchscript import NoTorchScript, refuse_jit_trace
-from .common import (check_backend_name, conv_epilogue, conv_padding, fused_conv, has_hooks, is_bn,
-                     is_plain_conv, is_recorded, unsupported_reason)
+from ..ops.conv import BoundConv
+from .common import (bind_conv, check_backend_name, conv_epilogue, conv_padding, fused_conv,
+                     has_hooks, is_bn, is_plain_conv, is_recorded, unsupported_reason)
 
 __all__ = ["ConvBNFolding", "FoldCache", "Residual", "bn_scale_shift", "conv_bn_pair", "fold_conv_bn"]
 
@@ -128,12 +129,14 @@ class _Fold:
     """One cached fold: what it was made from (stamps of the tensors keyed by identity and version;
     on the CPU also the values of the BatchNorm's tensors, eps and conv.bias), and what was
     derived (a later derived tensor of the folded weight, e.g. a prepacked copy, belongs here so
-    that it shares its freshness)."""
+    that it shares its freshness; ``bound``: the eager fused_conv over the fold, bound to the
+    inputs it last ran, see nn/common.py bind_conv -- the fold's tensors are never written)."""
 
-    __slots__ = ("stamps", "values", "weight", "bias")
+    __slots__ = ("stamps", "values", "weight", "bias", "bound")
 
     def __init__(self, stamps, values, weight: Tensor, bias: Tensor):
         self.stamps, self.values, self.weight, self.bias = stamps, values, weight, bias
+        self.bound: Optional[BoundConv] = None
 
 
 def _bn_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Optional[Tensor], ...]:
@@ -198,17 +201,22 @@ class FoldCache:
             weight: Tensor) -> Tuple[Tensor, Tensor]:
         """The folded ``(weight, bias)`` for ``bn(conv(.))``, ``weight`` being conv.weight as just
         read through the module. Not differentiable (the caller checks no gradient is needed)."""
+        fold = self.fold(key, conv, bn, weight)
+        return fold.weight, fold.bias
+
+    def fold(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor) -> _Fold:
+        """``get``'s fold itself (with what is kept beside it)."""
         fold = self._folds.get(key)
         inputs = _bn_inputs(conv, bn)
         if weight.device.type == "cpu":
             if fold is None or not fold.stamps[0].holds(weight) \
                     or not _same_values(fold.values, inputs, bn.eps):
                 fold = self._refold(key, conv, bn, weight, (weight,), inputs)
-            return fold.weight, fold.bias
+            return fold
         tensors = (weight,) + inputs + (bn.num_batches_tracked,)
         if fold is None or not _stamps_hold(fold.stamps, tensors):
             fold = self._refold(key, conv, bn, weight, tensors, None)
-        return fold.weight, fold.bias
+        return fold
 
     def _refold(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor,
                 tensors: Tuple[Optional[Tensor], ...], values: Optional[tuple]) -> _Fold:
@@ -291,13 +299,19 @@ class ConvBNFolding(NoTorchScript):
         if _foldable(conv, bn):
             if is_recorded(x):
                 w, b = fold_conv_bn(conv, bn)
-            elif not _needs_param_grads(conv, bn):
-                w, b = self._fold_cache.get(key, conv, bn, conv.weight)
-            else:
-                w = b = None  # the cached fold isn't differentiable: run conv and bn as torch's
-            if w is not None:
                 r = residual() if callable(residual) else residual
                 y = fused_conv(x, w, b, conv.stride, conv_padding(conv), r, fuse_relu, self.backend)
+            elif not _needs_param_grads(conv, bn):  # (else the cached fold, not differentiable,
+                # can't be used: conv and bn run as torch's below)
+                fold = self._fold_cache.fold(key, conv, bn, conv.weight)
+                r = residual() if callable(residual) else residual
+                bound, s, p = fold.bound, conv.stride, conv_padding(conv)
+                if bound is not None and bound.matches(x, r, s, p, fuse_relu, self.backend):
+                    y = bound.run(x, r)  # the call below, its per-call work done once
+                else:
+                    w, b = fold.weight, fold.bias
+                    y = fused_conv(x, w, b, s, p, r, fuse_relu, self.backend)
+                    fold.bound = bind_conv(x, w, b, s, p, r, fuse_relu, self.backend)
         if y is None:
             y = bn(conv(x))
             r = residual() if callable(residual) else residual

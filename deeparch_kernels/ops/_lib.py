@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Callable, Tuple, Union
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -65,8 +65,30 @@ def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_
     suggests it (``Tensor.suggest_memory_format``, as ATen's convolution decides), else
     contiguous. csrc/common.h applies the same rule."""
     cl = torch.channels_last
-    return cl if suggest_memory_format(x) == cl or suggest_memory_format(weight) == cl \
-        else torch.contiguous_format
+    return cl if _suggests_channels_last(x) or _suggests_channels_last(weight) else torch.contiguous_format
+
+
+# (shape, strides) -> suggest_memory_format(t) == channels_last: torch's Python rule costs ~1.5 us
+# a tensor, and every fused layer asks it several times a call. Bounded; eager only (traced code
+# and symbolic shapes ask torch's rule).
+_SUGGESTS_CL: Dict[tuple, bool] = {}
+
+
+def _suggests_channels_last(t: torch.Tensor) -> bool:
+    if t.layout != torch.strided:
+        return False
+    if torch.compiler.is_compiling():  # (a lookup by shape would specialise symbolic sizes)
+        return suggest_memory_format(t) == torch.channels_last
+    try:
+        key = (t.shape, t.stride())
+        hit = _SUGGESTS_CL.get(key)
+    except TypeError:  # symbolic sizes or strides
+        return suggest_memory_format(t) == torch.channels_last
+    if hit is None:
+        if len(_SUGGESTS_CL) >= 4096:
+            _SUGGESTS_CL.clear()
+        hit = _SUGGESTS_CL[key] = suggest_memory_format(t) == torch.channels_last
+    return hit
 
 
 def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:

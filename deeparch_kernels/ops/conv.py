@@ -339,27 +339,39 @@ def _prepacked_inference(x, weight, bias, residual) -> Optional[_Packed]:
     return entry
 
 
-def _cpu(x, weight, bias, residual, stride, padding, relu):
-    """The ``cpu`` backend: for a prepacked weight (``prepack``), channels_last output and no
-    gradient needed, oneDNN's convolution on the prepacked weight (1.05-1.6x F.conv2d on
-    ResNet's batch-1 layers here) with the bias and the residual add fused (exact), then torch's
-    NaN-keeping ReLU in place (oneDNN's fused ReLU turns NaN into 0); else the C++ op
-    (csrc/cpu/fused_conv2d.cpp)."""
-    if torch.compiler.is_compiling():  # traced code: the op (the prepacked cache is eager-only)
-        return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
+def _prepacked_weight(x, weight, bias, residual, stride, padding) -> Optional[torch.Tensor]:
+    """oneDNN's prepacked copy of ``weight`` for x's geometry when the ``cpu`` backend's
+    prepacked path may run these inputs (eager, a ``prepack``-ed weight, channels_last output,
+    no gradient needed, a dtype oneDNN runs prepacked here, oneDNN enabled); else None."""
     entry = _prepacked_inference(x, weight, bias, residual)
     if entry is not None and x.dtype in _prepack_dtypes() and torch._C._get_mkldnn_enabled() \
             and not (x.dtype == torch.bfloat16 and stride[1] > 1
                      and (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] == 0):
-        wp = entry.get(weight, x, stride, padding)
-        if wp is not None:
-            if residual is None:
-                y = torch.ops.mkldnn._convolution_pointwise(x, wp, bias, padding, stride, [1, 1], 1,
-                                                            "none", [], "")
-            else:
-                y = torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, residual, wp, bias, padding, stride, [1, 1], 1, "add", None, None, [], None)
-            return y.relu_() if relu else y
+        return entry.get(weight, x, stride, padding)
+    return None
+
+
+def _run_prepacked(x, packed, bias, residual, stride, padding, relu):
+    """oneDNN's convolution on a prepacked weight with the bias and the residual add fused
+    (exact), then torch's NaN-keeping ReLU in place (oneDNN's fused ReLU turns NaN into 0)."""
+    if residual is None:
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, [1, 1], 1,
+                                                    "none", [], "")
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, packed, bias, padding, stride, [1, 1], 1, "add", None, None, [], None)
+    return y.relu_() if relu else y
+
+
+def _cpu(x, weight, bias, residual, stride, padding, relu):
+    """The ``cpu`` backend: for a prepacked weight (``prepack``), channels_last output and no
+    gradient needed, oneDNN's convolution on the prepacked weight (1.05-1.6x F.conv2d on
+    ResNet's batch-1 layers here; _run_prepacked); else the C++ op
+    (csrc/cpu/fused_conv2d.cpp)."""
+    if not torch.compiler.is_compiling():  # traced code: the op (the prepacked cache is eager-only)
+        packed = _prepacked_weight(x, weight, bias, residual, stride, padding)
+        if packed is not None:
+            return _run_prepacked(x, packed, bias, residual, stride, padding, relu)
     return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
 
 
@@ -508,6 +520,17 @@ def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
     return fn(*args)
 
 
+def _fast_key(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend):
+    """fused_conv2d's fast-path key for these arguments (backends.fast_lookup); None for
+    arguments that are not (dense) tensors (the full path says what is wrong)."""
+    sig = backends.tensor_sig
+    try:
+        return (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
+                dilation, groups)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  stride: IntPair = 1, padding: Union[None, str, IntPair] = None,
                  residual: Optional[torch.Tensor] = None, relu: bool = True,
@@ -529,12 +552,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             "call_function", fused_conv2d, (x, weight, bias),
             dict(stride=stride, padding=padding, residual=residual, relu=relu, dilation=dilation,
                  groups=groups, backend=backend))
-    sig = backends.tensor_sig
-    try:
-        fast = (OP, backend, sig(x), sig(weight), sig(bias), sig(residual), stride, padding, relu,
-                dilation, groups)
-    except (AttributeError, RuntimeError):  # not (dense) tensors: checked below
-        fast = None
+    fast = _fast_key(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend)
     hit = backends.fast_lookup(fast)
     if fast is not None and torch.is_autocast_enabled(x.device.type):
         fast, hit = None, None  # the casts depend on the autocast state: the full path
@@ -542,6 +560,55 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         fn, s, p = hit
         return fn(x, weight, bias, residual, s, p, relu)
     return _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast)
+
+
+class BoundConv:
+    """fused_conv2d over one weight and bias that the holder never writes (a cached BatchNorm
+    fold's), bound to the signature (device, dtype, shape, strides) of the x and residual it was
+    made with: what the op's fast path runs for such inputs, with that path's per-call work done
+    once -- for the ``cpu`` backend, oneDNN on the prepacked weight (_run_prepacked). Made by
+    ``bind``; a call may take it when ``matches`` says so (eager only: the caller checks it is not
+    tracing)."""
+
+    __slots__ = ("x_sig", "r_sig", "conf", "generation", "run")
+
+    def __init__(self, x, residual, stride, padding, relu, backend, run) -> None:
+        self.x_sig, self.r_sig = backends.tensor_sig(x), backends.tensor_sig(residual)
+        self.conf = (stride, padding, relu, backend)
+        self.generation, self.run = backends.generation(), run
+
+    def matches(self, x, residual, stride, padding, relu, backend) -> bool:
+        """fused_conv2d(x, ..., stride=stride, padding=padding, residual=residual, relu=relu,
+        backend=backend) would run what ``run`` runs: the same signatures and arguments, ``auto``'s
+        choices not forgotten since, no autocast, oneDNN enabled, no gradient needed."""
+        sig = backends.tensor_sig
+        return ((stride, padding, relu, backend) == self.conf and sig(x) == self.x_sig
+                and sig(residual) == self.r_sig and backends.generation() == self.generation
+                and not torch.is_autocast_enabled(x.device.type) and torch._C._get_mkldnn_enabled()
+                and not (torch.is_grad_enabled()
+                         and (x.requires_grad or (residual is not None and residual.requires_grad))))
+
+
+def bind(x, weight, bias, residual, stride, padding, relu, backend) -> Optional[BoundConv]:
+    """After ``fused_conv2d(x, weight, bias, stride=stride, padding=padding, residual=residual,
+    relu=relu, backend=backend)`` ran: a BoundConv for later calls with inputs like these (and
+    these arguments, compared as given), or None when the op's fast path holds nothing for them. The caller must not write ``weight`` or
+    ``bias`` while it keeps it (a prepacked copy would go stale)."""
+    if torch.compiler.is_compiling():
+        return None
+    key = _fast_key(x, weight, bias, residual, (stride[0], stride[1]), padding, relu, 1, 1, backend)
+    hit = backends.fast_lookup(key)
+    if hit is None:
+        return None
+    fn, s, p = hit
+    packed = _prepacked_weight(x, weight, bias, residual, s, p) if fn is _cpu else None
+    if packed is not None:
+        def run(x, r):
+            return _run_prepacked(x, packed, bias, r, s, p, relu)
+    else:
+        def run(x, r):
+            return fn(x, weight, bias, r, s, p, relu)
+    return BoundConv(x, residual, stride, padding, relu, backend, run)
 
 
 def _slow(x, weight, bias, residual, stride, padding, relu, dilation, groups, backend, fast):
