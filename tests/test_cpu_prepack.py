@@ -150,7 +150,7 @@ def test_compile_with_freezing_keeps_nan(gen, monkeypatch):
     torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
 
 
-def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen):
+def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen, monkeypatch):
     """After an eager inference call, each fold keeps its fused_conv2d call bound
     (ops/conv.py BoundConv: the fast path's per-call work done once, oneDNN on the prepacked
     weight). Later calls with inputs like the first take it and give the full path's result bit
@@ -170,8 +170,13 @@ def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen):
         for k, f in folds.items():
             assert f.bound is not None, k
             f.bound.run = (lambda run, k: lambda *a: runs.append(k) or run(*a))(f.bound.run, k)
+        packed_runs = []
+        run_prepacked = conv_op._run_prepacked
+        monkeypatch.setattr(conv_op, "_run_prepacked",
+                            lambda *a: packed_runs.append(a[1]) or run_prepacked(*a))
         got = block(x)
         assert sorted(runs) == ["conv1", "conv2", "downsample"]
+        assert len(packed_runs) == 3 and all(p.is_mkldnn for p in packed_runs)  # oneDNN's packing
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(got, tv.layer2[0](x), rtol=1e-4, atol=1e-4, equal_nan=True)
         assert got[1].isnan().any() and not got[0].isnan().any()
@@ -199,3 +204,26 @@ def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen):
     with torch.inference_mode():
         torch.testing.assert_close(block(x3), tv.layer2[0](x3), rtol=1e-4, atol=1e-4)
     assert folds["conv1"].bound is not bound and folds["conv1"].bound.matches(x3, None, s, p, True, "cpu")
+
+
+def test_a_bound_call_sees_stride_edits(gen):
+    """A conv's stride edited after its fold was bound (replaced, or a list edited in place) is
+    what the next call runs, as with torch's modules."""
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    seq = dk.nn.FusedSequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU()).eval()
+    x = randn(1, 8, 9, 11, gen=gen).contiguous(memory_format=cl)
+
+    def check():
+        torch.testing.assert_close(seq(x), torch.relu(seq[1](seq[0](x))), rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        check(), check()
+        assert seq._fold_cache._folds["0"].bound is not None
+        seq[0].stride = [1, 1]
+        check()
+        seq[0].stride[0] = 2
+        check()
+        seq[0].stride = (1, 2)
+        check(), check()

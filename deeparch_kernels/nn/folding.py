@@ -200,8 +200,11 @@ class FoldCache:
     def get(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d,
             weight: Tensor) -> Tuple[Tensor, Tensor]:
         """The folded ``(weight, bias)`` for ``bn(conv(.))``, ``weight`` being conv.weight as just
-        read through the module. Not differentiable (the caller checks no gradient is needed)."""
+        read through the module. Not differentiable (the caller checks no gradient is needed).
+        They are the cache's own tensors: a caller that writes them has the prepacked copies
+        remade (their version check) and the fold's bound call dropped (here)."""
         fold = self.fold(key, conv, bn, weight)
+        fold.bound = None
         return fold.weight, fold.bias
 
     def fold(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor) -> _Fold:

@@ -24,6 +24,9 @@
   check       what ``auto`` verifies a backend's output with (``_check``): torch's result, NaN
               and Inf exactly, finite values within a bound from the dtype's rounding and the
               reduction length
+  bound       ``bind``/``BoundConv``: a call bound to its inputs' signature, the fast path's
+              per-call work done once (oneDNN on the prepacked weight for ``cpu``); the fused
+              modules keep one per BatchNorm fold (nn/folding.py)
 
 The public ``fused_conv2d`` takes what ``relu(F.conv2d(x, weight, bias, stride, padding,
 dilation, groups) + residual)`` takes -- unbatched (C, H, W) inputs, ``padding="same"/"valid"``,
@@ -574,13 +577,14 @@ class BoundConv:
 
     def __init__(self, x, residual, stride, padding, relu, backend, run) -> None:
         self.x_sig, self.r_sig = backends.tensor_sig(x), backends.tensor_sig(residual)
-        self.conf = (stride, padding, relu, backend)
+        self.conf = (tuple(stride), tuple(padding), relu, backend)  # copies: lists can be edited
         self.generation, self.run = backends.generation(), run
 
     def matches(self, x, residual, stride, padding, relu, backend) -> bool:
         """fused_conv2d(x, ..., stride=stride, padding=padding, residual=residual, relu=relu,
-        backend=backend) would run what ``run`` runs: the same signatures and arguments, ``auto``'s
-        choices not forgotten since, no autocast, oneDNN enabled, no gradient needed."""
+        backend=backend) would run what ``run`` runs: the same signatures and arguments (stride and
+        padding as tuples: lists never match), ``auto``'s choices not forgotten since, no
+        autocast, oneDNN enabled, no gradient needed."""
         sig = backends.tensor_sig
         return ((stride, padding, relu, backend) == self.conf and sig(x) == self.x_sig
                 and sig(residual) == self.r_sig and backends.generation() == self.generation
