@@ -62,9 +62,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..ops import bn_fold as _bn_fold
-from ..ops.conv import prepack, warn_unversioned_weight
+from ..ops.conv import BoundConv, prepack, warn_unversioned_weight
 from ._torchscript import NoTorchScript, refuse_jit_trace
-from ..ops.conv import BoundConv
 from .common import (bind_conv, check_backend_name, conv_epilogue, conv_padding, fused_conv,
                      has_hooks, is_bn, is_plain_conv, is_recorded, unsupported_reason)
 

@@ -595,9 +595,9 @@ class BoundConv:
 
 def bind(x, weight, bias, residual, stride, padding, relu, backend) -> Optional[BoundConv]:
     """After ``fused_conv2d(x, weight, bias, stride=stride, padding=padding, residual=residual,
-    relu=relu, backend=backend)`` ran: a BoundConv for later calls with inputs like these (and
-    these arguments, compared as given), or None when the op's fast path holds nothing for them. The caller must not write ``weight`` or
-    ``bias`` while it keeps it (a prepacked copy would go stale)."""
+    relu=relu, backend=backend)`` ran: a BoundConv for later calls with inputs and arguments like
+    these, or None when the op's fast path holds nothing for them. The caller must not write
+    ``weight`` or ``bias`` while it keeps it (a prepacked copy would go stale)."""
     if torch.compiler.is_compiling():
         return None
     key = _fast_key(x, weight, bias, residual, (stride[0], stride[1]), padding, relu, 1, 1, backend)
