@@ -4,7 +4,14 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
-#define DEEPARCH_API_VERSION 3
+#define DEEPARCH_API_VERSION 4
+
+// The CPU Winograd kernel (cpu/winograd.cpp) is written for AVX2 + FMA (setup.py's at::vec ISA).
+#if defined(__AVX2__) && defined(__FMA__)
+#define DEEPARCH_WINOGRAD 1
+#else
+#define DEEPARCH_WINOGRAD 0
+#endif
 
 #define DA_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
 

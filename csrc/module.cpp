@@ -23,10 +23,12 @@ static PyObject* build_info(PyObject*, PyObject*) {
   // cpp_autograd: autograd.cpp registered the Autograd kernels of add_relu and fused_conv2d,
   // so Python must not register its own (ops/__init__.py).
   // cutlass: the CUTLASS sm_90a conv kernels (csrc/cuda/cutlass/) were compiled in.
-  return Py_BuildValue("{s:i,s:O,s:(ii),s:O,s:O}", "api_version", DEEPARCH_API_VERSION, "cuda",
-                       DEEPARCH_WITH_CUDA ? Py_True : Py_False, "torch_version",
+  // winograd: the CPU Winograd kernel (csrc/cpu/winograd.cpp, AVX2 + FMA) was compiled in.
+  return Py_BuildValue("{s:i,s:O,s:(ii),s:O,s:O,s:O}", "api_version", DEEPARCH_API_VERSION,
+                       "cuda", DEEPARCH_WITH_CUDA ? Py_True : Py_False, "torch_version",
                        DEEPARCH_TORCH_MAJOR, DEEPARCH_TORCH_MINOR, "cpp_autograd", Py_True,
-                       "cutlass", DEEPARCH_WITH_CUTLASS ? Py_True : Py_False);
+                       "cutlass", DEEPARCH_WITH_CUTLASS ? Py_True : Py_False, "winograd",
+                       DEEPARCH_WINOGRAD ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {

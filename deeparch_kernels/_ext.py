@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger("deeparch_kernels")
 
-API_VERSION = 3  # must match DEEPARCH_API_VERSION in csrc/common.h
+API_VERSION = 4  # must match DEEPARCH_API_VERSION in csrc/common.h
 
 _state: dict = {"loaded": False, "cuda": False, "reason": "not loaded yet", "info": None}
 
@@ -64,6 +64,15 @@ def cpu_reason() -> str | None:
     """Why the C++ CPU kernels can't run, or None when they can."""
     load()
     return None if _state["loaded"] else _state["reason"]
+
+
+def winograd_reason() -> str | None:
+    """Why the C++ CPU Winograd kernel can't run, or None when it can."""
+    reason = cpu_reason()
+    if reason is None and not _state["info"].get("winograd"):
+        return ("the C++ extension was built without AVX2/FMA (DEEPARCH_CPU_ISA=default), which the "
+                "Winograd kernel needs")
+    return reason
 
 
 def cuda_reason() -> str | None:

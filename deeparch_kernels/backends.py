@@ -12,7 +12,8 @@ Backends (the same names for every op):
                  against
 
 Registered by an op for itself (``register``, like a plug-in, but placed in the op's order):
-``winograd`` (fused_conv2d on the CPU: Winograd F(2x2, 3x3) for fp32 3x3 layers, ops/conv.py).
+``winograd`` (fused_conv2d on the CPU: Winograd F(4x4, 3x3) and F(2x2, 3x3) for fp32 3x3 layers,
+ops/conv_winograd.py and csrc/cpu/winograd.cpp).
 
 An explicit name forces that backend, and raises ``BackendUnavailable`` listing why it can't run.
 

@@ -41,7 +41,7 @@ import functools
 import operator
 import warnings
 import weakref
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +244,7 @@ class _Packed:
     def __init__(self) -> None:
         self.state: Optional[tuple] = None
         self.by_geometry: dict = {}
-        self.winograd: Optional[Tuple[torch.Tensor, float]] = None
+        self.winograd: Dict[int, conv_winograd.Transformed] = {}  # by tile size
 
     def _fresh(self, weight: torch.Tensor) -> bool:
         """Drop what was derived from an older state of ``weight``; False if none can be kept."""
@@ -254,17 +254,18 @@ class _Packed:
             warn_unversioned_weight()
             return False
         if state != self.state:
-            self.state, self.by_geometry, self.winograd = state, {}, None
+            self.state, self.by_geometry, self.winograd = state, {}, {}
         return True
 
-    def get_winograd(self, weight: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
-        """conv_winograd.transform_weight(weight), kept while the weight is unchanged."""
+    def get_winograd(self, weight: torch.Tensor, m: int) -> Optional[conv_winograd.Transformed]:
+        """conv_winograd.transform_weight(weight, m), kept while the weight is unchanged."""
         if not self._fresh(weight):
             return None
-        if self.winograd is None:
+        t = self.winograd.get(m)
+        if t is None:
             with torch.inference_mode(False), torch.no_grad():
-                self.winograd = conv_winograd.transform_weight(weight)
-        return self.winograd
+                t = self.winograd[m] = conv_winograd.transform_weight(weight, m)
+        return t
 
     def get(self, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> Optional[torch.Tensor]:
         if not self._fresh(weight):
@@ -386,24 +387,33 @@ def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
         return f"dtype {x.dtype}: the 'winograd' backend runs float32"
     if tuple(weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
         return "the 'winograd' backend runs 3x3 convolutions with stride 1 and padding 1"
-    if weight.shape[1] < 16:  # measured: slower there; with C=1 its rounding can pass the bound
+    if weight.shape[1] < 16:  # measured: slower there
         return f"{weight.shape[1]} input channels: the 'winograd' backend runs 16 or more"
-    return _ext.cpu_reason()  # what it can't run itself goes to the cpu backend
+    return _ext.winograd_reason()  # what it can't run itself goes to the cpu backend
+
+
+def _winograd_weight(x, weight, bias, residual) -> Optional[conv_winograd.Transformed]:
+    """``weight``'s Winograd transform for x's shape when the kernel may run these inputs (eager,
+    a ``prepack``-ed weight, fp32, channels_last output, no gradient needed); else None."""
+    entry = _prepacked_inference(x, weight, bias, residual)
+    if entry is None or x.dtype != torch.float32:
+        return None
+    return entry.get_winograd(weight, conv_winograd.tile(x.shape, weight.shape[0]))
 
 
 def _winograd(x, weight, bias, residual, stride, padding, relu):
     """The ``winograd`` backend (CPU, fp32, 3x3, stride 1, padding 1): for a prepacked weight
-    (``prepack``), channels_last output and no gradient needed, Winograd F(2x2, 3x3)
-    (ops/conv_winograd.py) when the input is finite and far from overflow, then torch's
-    NaN-keeping ReLU in place; everything else as the ``cpu`` backend. ``auto`` takes it for the
-    layers where it measures faster (the large ones: VGG's and ResNet's 256-512 channel 3x3s)."""
+    (``prepack``), channels_last output and no gradient needed, Winograd F(4x4, 3x3) or
+    F(2x2, 3x3) (ops/conv_winograd.py, csrc/cpu/winograd.cpp) when the input is finite and far
+    from overflow; everything else as the ``cpu`` backend. ``auto`` takes it for the layers where
+    it measures faster (1.2-2.9x oneDNN's direct convolution on ResNet's and VGG's 3x3 layers
+    here, at batch 1 and 8)."""
     if not torch.compiler.is_compiling():
-        entry = _prepacked_inference(x, weight, bias, residual)
-        if entry is not None and x.dtype == torch.float32:
-            wino = entry.get_winograd(weight)
-            if wino is not None and conv_winograd.safe(x, wino[1]):
-                y = conv_winograd.conv3x3(x, wino[0], bias, residual)
-                return y.relu_() if relu else y
+        t = _winograd_weight(x, weight, bias, residual)
+        if t is not None:
+            y = conv_winograd.conv3x3(x, t, bias, residual, relu)
+            if y is not None:
+                return y
     return _cpu(x, weight, bias, residual, stride, padding, relu)
 
 
@@ -438,8 +448,8 @@ if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
 # On the CPU "cpu" runs oneDNN on prepacked weights for the fused modules (1.05-1.6x F.conv2d
 # on ResNet's batch-1 layers, ~1.0-1.2x at batch 8, measured here): first when nothing is timed.
-# "winograd" is 1.1-1.5x "cpu" on the 128-512 channel 3x3 layers and 0.3-0.8x on the 64-channel
-# and 224x224 ones (2-core AVX-512 EPYC, batch 1): taken only where timing says so.
+# "winograd" is 1.2-2.9x "cpu" on ResNet's and VGG's 3x3 stride-1 layers (2-core AVX-512 EPYC,
+# batch 1 and 8): second, and taken where timing says so.
 backends.set_auto_order(OP, "cpu", ("cpu", "winograd", "aten"))
 
 
@@ -606,9 +616,14 @@ def bind(x, weight, bias, residual, stride, padding, relu, backend) -> Optional[
         return None
     fn, s, p = hit
     packed = _prepacked_weight(x, weight, bias, residual, s, p) if fn is _cpu else None
+    wino = _winograd_weight(x, weight, bias, residual) if fn is _winograd else None
     if packed is not None:
         def run(x, r):
             return _run_prepacked(x, packed, bias, r, s, p, relu)
+    elif wino is not None:
+        def run(x, r):
+            y = conv_winograd.conv3x3(x, wino, bias, r, relu)
+            return y if y is not None else _cpu(x, weight, bias, r, s, p, relu)
     else:
         def run(x, r):
             return fn(x, weight, bias, r, s, p, relu)

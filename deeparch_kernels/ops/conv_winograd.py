@@ -1,96 +1,91 @@
-"""Winograd F(2x2, 3x3) convolution for the CPU, in torch ops: 3x3, stride 1, padding 1, fp32,
-channels_last. It multiplies 2.25x less than a direct convolution (16 products per 2x2 outputs
-and input channel instead of 36), so it can be faster than oneDNN's direct convolution where that
-one runs at the FMA peak (VGG's and ResNet's large layers), and its rounding error is below the
-direct one's (the transforms' coefficients are 0, +-1/2, +-1).
+"""Winograd F(m x m, 3x3) convolution for the CPU (the ``winograd`` backend of fused_conv2d): 3x3,
+stride 1, padding 1, fp32, channels_last; the kernel is csrc/cpu/winograd.cpp, this file holds
+its op schema, the weight transform and the choice of m.
 
-  U = G g G^T      per (output, input) channel, once per weight   (transform_weight)
-  V = B^T d B      per 4x4 input tile (stride 2) and input channel (two strided passes)
-  M = V U          16 batched GEMMs: (tiles x C) @ (C x K)          (torch.bmm: MKL/oneDNN)
-  Y = A^T M A      per tile: its 2x2 outputs (two passes, the second writes the output)
+  m = 4: 6x6 input tiles, 36 products per 16 outputs and input channel (4x fewer than a direct
+         convolution's 144), on the points 0, +-3/2, +-2/3, inf (fp32 error ~2x the direct
+         convolution's; the usual 0, +-1, +-2 give ~8x)
+  m = 2: 4x4 tiles, 16 products per 4 outputs (2.25x fewer), for the layers where m = 4's
+         transformed weight (4x the weight) costs more memory traffic than it saves (``tile``)
 
-Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016), F(2x2, 3x3).
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016).
 
-NaN and Inf: a non-finite input spreads over its whole 4x4 tile here, where a direct convolution
+NaN and Inf: a non-finite input spreads over its whole tile here, where a direct convolution
 keeps it to the outputs whose window holds it; and the two orders of summation could overflow at
-different places. ``conv3x3`` therefore runs only when the input is finite and small enough that
-neither can overflow (``safe``: one max-abs reduction over the input); the caller runs the direct
-convolution otherwise, so NaN and Inf come out exactly as torch gives them.
+different places. The kernel therefore finishes only when the input is finite and small enough
+that neither can overflow (max|x| * the largest L1 norm of a filter < 1e30, checked while it
+reads x); ``conv3x3`` returns None otherwise and the caller runs the direct convolution, so NaN
+and Inf come out exactly as torch gives them.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
-# F(2x2, 3x3): y = A^T [(G g G^T) * (B^T d B)] A
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# |x| * (largest L1 norm of a filter) below this: no partial sum of either method can overflow
-# (Winograd's intermediates are at most 16x the direct ones': 4x in V, 4x in U).
-_SAFE = 1e30
+from ._lib import lib
+
+lib.define("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, int k, bool relu, "
+           "int tile, float bound) -> (Tensor, bool)")
+
+# G of F(m x m, 3x3), exact (the kernel's B^T and A^T are on the same points): U = G g G^T.
+_G = {
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    4: ((1, 0, 0), (8 / 65, 12 / 65, 18 / 65), (8 / 65, -12 / 65, 18 / 65),
+        (-81 / 130, -27 / 65, -18 / 65), (-81 / 130, 27 / 65, -18 / 65), (0, 0, 1)),
+}
+# m = 4's transformed weight is 36 / 9 = 4x the weight; where it is larger than this and there are
+# few tiles to reuse it over, m = 2 measured faster (ResNet's 512-channel 7x7 and 14x14 layers).
+_M4_WEIGHT_BYTES = 12 << 20
+_M4_MIN_TILES = 48
 
 
-def transform_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    """(U, bound): U = G g G^T as a (16, C, K) fp32 tensor (computed in float64), and the
-    largest L1 norm of a filter (for ``safe``; inf when a weight is not finite)."""
-    g = torch.tensor(_G, dtype=torch.float64)
+class Transformed(NamedTuple):
+    """A weight's transform for one tile size: ``u`` packed for the kernel's GEMM,
+    (m+2)^2 x ceil(K/16) x C x 16 fp32; ``bound`` the largest L1 norm of a filter (inf when
+    a weight is not finite: then the kernel never runs)."""
+    u: torch.Tensor
+    bound: float
+    tile: int
+    out_channels: int
+
+
+def tile(x_shape, out_channels: int) -> int:
+    """m for an input of this shape (N, C, H, W) and this many output channels."""
+    n, c, h, w = x_shape
+    if 36 * c * out_channels * 4 <= _M4_WEIGHT_BYTES or n * -(-h // 4) * -(-w // 4) >= _M4_MIN_TILES:
+        return 4
+    return 2
+
+
+def transform_weight(weight: torch.Tensor, m: int) -> Transformed:
+    """U = G g G^T for F(m x m, 3x3), computed in float64, packed for the kernel."""
+    g = torch.tensor(_G[m], dtype=torch.float64)
     w = weight.detach().to(torch.float64)
-    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
-    K, C = weight.shape[0], weight.shape[1]
-    l1 = float(w.abs().sum(dim=(1, 2, 3)).max()) if w.numel() else 0.0
-    if not torch.isfinite(w).all():
-        l1 = float("inf")
-    return u.reshape(16, C, K).to(torch.float32).contiguous(), l1
+    k, c = weight.shape[0], weight.shape[1]
+    a = m + 2
+    kp = -(-k // 16) * 16
+    u = torch.einsum("ai,kcij,bj->abck", g, w, g)  # (a, a, C, K)
+    u = torch.nn.functional.pad(u, (0, kp - k)).reshape(a * a, c, kp // 16, 16)
+    u = u.permute(0, 2, 1, 3).to(torch.float32).contiguous()
+    bound = float(w.abs().sum(dim=(1, 2, 3)).max()) if w.numel() else 0.0
+    if not bool(torch.isfinite(w).all()):
+        bound = float("inf")
+    return Transformed(u, bound, m, k)
 
 
-def safe(x: torch.Tensor, bound: float) -> bool:
-    """x is finite and small enough that neither summation order can overflow (see above)."""
-    m = float(x.abs().amax())  # NaN if x holds a NaN (then the comparison is False)
-    return m * bound < _SAFE
-
-
-def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor],
-            residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """conv2d(x, g, bias, padding=1) (+ residual) for x (N, C, H, W) fp32 channels_last and
-    u = transform_weight(g)[0]; the output is channels_last."""
-    N, C, H, W = x.shape
-    K = u.shape[2]
-    Th, Tw = (H + 1) // 2, (W + 1) // 2
-    T = N * Th * Tw
-    xh = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous for channels_last
-    # The zero-padded input, (N, 2Th+2, 2Tw+2, C): border zeroed, interior copied.
-    xp = x.new_empty(N, 2 * Th + 2, 2 * Tw + 2, C)
-    xp[:, 0].zero_()
-    xp[:, H + 1:].zero_()
-    xp[:, 1:H + 1, 0].zero_()
-    xp[:, 1:H + 1, W + 1:].zero_()
-    xp[:, 1:H + 1, 1:W + 1].copy_(xh)
-    # Rows: t_a = sum_i B^T[a, i] d_i over the tile's rows i (rows 2t + i of xp).
-    r = [xp[:, i:i + 2 * Th:2] for i in range(4)]  # (N, Th, 2Tw+2, C) views
-    t = (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])
-    # Columns: V[a, b] = sum_j B^T[b, j] t_a[..., j]; written straight into V.
-    v = x.new_empty(16, T, C)
-    for a in range(4):
-        c = [t[a][:, :, j:j + 2 * Tw:2] for j in range(4)]  # (N, Th, Tw, C) views
-        out = [v[4 * a + b].view(N, Th, Tw, C) for b in range(4)]
-        torch.sub(c[0], c[2], out=out[0])
-        torch.add(c[1], c[2], out=out[1])
-        torch.sub(c[2], c[1], out=out[2])
-        torch.sub(c[1], c[3], out=out[3])
-    m = torch.bmm(v, u)  # (16, T, K)
-    if bias is not None:
-        m[5].add_(bias)  # A^T[r, 1] = A^T[s, 1] = 1 for every r, s: M[1, 1] reaches every output
-    m = m.view(4, 4, N, Th, Tw, K)
-    # Rows of A^T: p_r = sum_a A^T[r, a] M[a]; then columns, into the output's strided views.
-    p = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])  # each (4, N, Th, Tw, K)
-    y = x.new_empty(N, 2 * Th, 2 * Tw, K)
-    for rr in range(2):
-        q = p[rr]
-        torch.add(q[0] + q[1], q[2], out=y[:, rr::2, 0::2])
-        torch.sub(q[1] - q[2], q[3], out=y[:, rr::2, 1::2])
-    if 2 * Th != H or 2 * Tw != W:
-        y = y[:, :H, :W].contiguous()
-    y = y.permute(0, 3, 1, 2)  # (N, K, H, W), channels_last
-    if residual is not None:
-        y.add_(residual)
-    return y
+def conv3x3(x: torch.Tensor, t: Transformed, bias: Optional[torch.Tensor],
+            residual: Optional[torch.Tensor], relu: bool) -> Optional[torch.Tensor]:
+    """relu?(conv2d(x, g, bias, padding=1) + residual) for fp32 x and t = transform_weight(g, m),
+    channels_last; None when x is not finite or too large (see above): run the direct one."""
+    if t.bound == float("inf"):
+        return None
+    cl = torch.channels_last
+    x = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
+    if residual is not None and not residual.is_contiguous(memory_format=cl):
+        residual = residual.contiguous(memory_format=cl)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    y, ok = torch.ops.deeparch.winograd_conv3x3.default(x, t.u, bias, residual, t.out_channels, relu,
+                                                        t.tile, t.bound)
+    return y if ok else None

@@ -1,0 +1,322 @@
+// Winograd F(m x m, 3x3) convolution on the CPU (fp32, channels_last, stride 1, padding 1),
+// m = 4 (6x6 input tiles: 36 products per 16 outputs and channel, 4x fewer than a direct
+// convolution's 144) or m = 2 (4x4 tiles: 16 per 4, 2.25x fewer). Lavin & Gray, "Fast Algorithms
+// for Convolutional Neural Networks" (2016).
+//
+//   U = G g G^T   per (input, output) channel pair, once per weight, in Python (float64), packed
+//                 as (A*A, K/16, C, 16): the GEMM's B panels (ops/conv_winograd.py)
+//   V = B^T d B   per input tile and channel, 8 channels to a vector (channels_last: contiguous)
+//   M = V U       A*A GEMMs (tiles x C) @ (C x K): a 6x16 register-blocked FMA micro-kernel
+//   Y = A^T M A   per tile, + bias, + residual, ReLU (NaN kept), written to the output
+//
+// Tiles go in chunks sized so that a chunk's V and M stay in the last-level cache; each phase is
+// one at::parallel_for. The input transform also takes max|x| and looks for NaN: the op returns
+// ok = false (and the caller runs the direct convolution) unless x is finite and
+// max|x| * bound < 1e30 (bound: the largest L1 norm of a filter), where neither order of
+// summation can overflow (Winograd's intermediates are at most ~4e4 times the direct ones), so
+// that NaN and Inf come out as torch gives them.
+//
+// AVX2 + FMA (the build's at::vec ISA, setup.py): without it the op says so and isn't used.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <tuple>
+
+#include "../common.h"
+
+#if DEEPARCH_WINOGRAD
+#include <immintrin.h>
+#endif
+
+namespace deeparch {
+
+namespace {
+
+#if DEEPARCH_WINOGRAD
+
+using V8 = __m256;
+constexpr int MR = 6;   // GEMM rows (tiles) per micro-kernel
+constexpr int NR = 16;  // GEMM columns (output channels) per micro-kernel: two vectors
+
+inline V8 add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
+inline V8 sub(V8 a, V8 b) { return _mm256_sub_ps(a, b); }
+inline V8 splat(float v) { return _mm256_set1_ps(v); }
+// a * b + c and c - a * b
+inline V8 fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline V8 fnma(V8 a, V8 b, V8 c) { return _mm256_fnmadd_ps(a, b, c); }
+
+// One dimension of B^T d (input transform) and of A^T m (output transform).
+template <int M>
+struct Tf;
+
+// F(4x4, 3x3) on the points 0, +-3/2, +-2/3 and infinity, not the usual 0, +-1, +-2: with
+// them the fp32 result is ~4x closer to the exact one (measured: 3.9e-6 against 1.7e-5 of
+// max|y| at 512 channels; the direct convolution's is ~2e-6). B^T and A^T below, G in Python.
+template <>
+struct Tf<4> {
+  static constexpr int A = 6;
+  static void in(const V8* d, V8* o) {
+    const V8 k97_36 = splat(97.f / 36.f), k4_9 = splat(4.f / 9.f), k9_4 = splat(2.25f);
+    const V8 k2_3 = splat(2.f / 3.f), k3_2 = splat(1.5f);
+    const V8 e1 = fnma(k4_9, d[2], d[4]), o1 = fnma(k3_2, d[3], _mm256_mul_ps(k2_3, d[1]));
+    const V8 e3 = fnma(k9_4, d[2], d[4]), o3 = fnma(k2_3, d[3], _mm256_mul_ps(k3_2, d[1]));
+    o[0] = add(fnma(k97_36, d[2], d[0]), d[4]);  // d0 - 97/36 d2 + d4
+    o[1] = sub(e1, o1);                           // -2/3 d1 - 4/9 d2 + 3/2 d3 + d4
+    o[2] = add(e1, o1);                           //  2/3 d1 - 4/9 d2 - 3/2 d3 + d4
+    o[3] = sub(e3, o3);                           // -3/2 d1 - 9/4 d2 + 2/3 d3 + d4
+    o[4] = add(e3, o3);                           //  3/2 d1 - 9/4 d2 - 2/3 d3 + d4
+    o[5] = add(fnma(k97_36, d[3], d[1]), d[5]);  // d1 - 97/36 d3 + d5
+  }
+  static void out(const V8* m, V8* o) {
+    const V8 s12 = add(m[1], m[2]), d12 = sub(m[1], m[2]);
+    const V8 s34 = add(m[3], m[4]), d34 = sub(m[3], m[4]);
+    o[0] = add(add(m[0], s12), s34);                                                 // 1 1 1 1 1 0
+    o[1] = fma(splat(1.5f), d12, _mm256_mul_ps(splat(2.f / 3.f), d34));              // 0 p -p q -q 0
+    o[2] = fma(splat(2.25f), s12, _mm256_mul_ps(splat(4.f / 9.f), s34));             // p^2, q^2
+    o[3] = add(fma(splat(3.375f), d12, _mm256_mul_ps(splat(8.f / 27.f), d34)), m[5]);  // p^3, q^3, 1
+  }
+};
+
+template <>
+struct Tf<2> {
+  static constexpr int A = 4;
+  static void in(const V8* d, V8* o) {
+    o[0] = sub(d[0], d[2]);
+    o[1] = add(d[1], d[2]);
+    o[2] = sub(d[2], d[1]);
+    o[3] = sub(d[1], d[3]);
+  }
+  static void out(const V8* m, V8* o) {
+    o[0] = add(add(m[0], m[1]), m[2]);
+    o[1] = sub(sub(m[1], m[2]), m[3]);
+  }
+};
+
+// c[r][0:16] = sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < 6 (k < kc).
+inline void micro_6x16(const float* a, int64_t lda, const float* b, int64_t kc, float* c,
+                       int64_t ldc) {
+  V8 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  V8 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
+              *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < kc; ++k, b += NR) {
+    const V8 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    V8 t = _mm256_broadcast_ss(a0 + k);
+    c00 = fma(t, b0, c00);
+    c01 = fma(t, b1, c01);
+    t = _mm256_broadcast_ss(a1 + k);
+    c10 = fma(t, b0, c10);
+    c11 = fma(t, b1, c11);
+    t = _mm256_broadcast_ss(a2 + k);
+    c20 = fma(t, b0, c20);
+    c21 = fma(t, b1, c21);
+    t = _mm256_broadcast_ss(a3 + k);
+    c30 = fma(t, b0, c30);
+    c31 = fma(t, b1, c31);
+    t = _mm256_broadcast_ss(a4 + k);
+    c40 = fma(t, b0, c40);
+    c41 = fma(t, b1, c41);
+    t = _mm256_broadcast_ss(a5 + k);
+    c50 = fma(t, b0, c50);
+    c51 = fma(t, b1, c51);
+  }
+  _mm256_storeu_ps(c, c00);
+  _mm256_storeu_ps(c + 8, c01);
+  _mm256_storeu_ps(c + ldc, c10);
+  _mm256_storeu_ps(c + ldc + 8, c11);
+  _mm256_storeu_ps(c + 2 * ldc, c20);
+  _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+  _mm256_storeu_ps(c + 3 * ldc, c30);
+  _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+  _mm256_storeu_ps(c + 4 * ldc, c40);
+  _mm256_storeu_ps(c + 4 * ldc + 8, c41);
+  _mm256_storeu_ps(c + 5 * ldc, c50);
+  _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+}
+
+// A mask of the first min(n, 8) lanes (for the channel tails).
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline V8 relu_keep_nan(V8 v) {
+  const V8 zero = _mm256_setzero_ps();
+  return _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));  // NaN < 0 is false
+}
+
+// Bytes of V and M per chunk of tiles: about what stays in this machine class's L2 + L3 share.
+constexpr int64_t kChunkBytes = 4 << 20;
+
+template <int M>
+bool winograd_run(const float* x, const float* u, const float* bias, const float* res, float* y,
+                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, bool relu, double bound) {
+  constexpr int A = Tf<M>::A, A2 = A * A;
+  const int64_t Th = (H + M - 1) / M, Tw = (W + M - 1) / M, T = N * Th * Tw;
+  // V's rows are C rounded up to 8 (zero lanes past C), M's K rounded up to 16 (u's packing).
+  const int64_t Cp = (C + 7) / 8 * 8, KB = (K + NR - 1) / NR, Kp = KB * NR;
+  int64_t chunk = kChunkBytes / (A2 * (Cp + Kp) * int64_t(sizeof(float)));
+  chunk = std::max<int64_t>(MR, chunk / MR * MR);
+  chunk = std::min(chunk, (T + MR - 1) / MR * MR);
+  // V: (A2, chunk, Cp) and M: (A2, chunk, Kp), row-major; rows past a chunk's last tile are zero.
+  std::vector<float> vbuf(size_t(A2) * chunk * Cp), mbuf(size_t(A2) * chunk * Kp);
+  float* V = vbuf.data();
+  float* Mb = mbuf.data();
+  const int64_t ldv = chunk * Cp, ldm = chunk * Kp;
+  std::atomic<bool> unsafe{false};
+  const V8 sign = splat(-0.f);
+
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t nt = std::min(chunk, T - t0), ntp = (nt + MR - 1) / MR * MR;
+    // ---- V = B^T d B, and max|x| / NaN over what is read
+    at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+      V8 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+      int64_t off[A][A];
+      for (int64_t tt = tb; tt < te; ++tt) {
+        const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
+        const int64_t h0 = th * M - 1, w0 = tw * M - 1;
+        for (int i = 0; i < A; ++i) {
+          for (int j = 0; j < A; ++j) {
+            const int64_t h = h0 + i, w = w0 + j;
+            off[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? ((n * H + h) * W + w) * C : -1;
+          }
+        }
+        for (int64_t c = 0; c < C; c += 8) {
+          const bool full = c + 8 <= C;
+          const __m256i cm = lanes_below(C - c);
+          V8 d[A][A], tcol[A][A];
+          for (int i = 0; i < A; ++i) {
+            for (int j = 0; j < A; ++j) {
+              const int64_t o = off[i][j];
+              const V8 v = o < 0  ? _mm256_setzero_ps()
+                           : full ? _mm256_loadu_ps(x + o + c)
+                                  : _mm256_maskload_ps(x + o + c, cm);
+              vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+              vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+              d[j][i] = v;  // column j, row i
+            }
+          }
+          for (int j = 0; j < A; ++j) Tf<M>::in(d[j], tcol[j]);  // tcol[j][a] = (B^T d)[a][j]
+          for (int a = 0; a < A; ++a) {
+            V8 row[A], o[A];
+            for (int j = 0; j < A; ++j) row[j] = tcol[j][a];
+            Tf<M>::in(row, o);  // o[b] = (B^T d B)[a][b]
+            for (int b = 0; b < A; ++b) _mm256_storeu_ps(V + (a * A + b) * ldv + tt * Cp + c, o[b]);
+          }
+        }
+      }
+      float m[8];
+      _mm256_storeu_ps(m, vmax);
+      float mx = 0.f;
+      for (float v : m) mx = std::max(mx, v);
+      if (_mm256_movemask_ps(vnan) != 0 || !(double(mx) * bound < 1e30)) unsafe.store(true);
+    });
+    if (unsafe.load()) return false;
+    for (int a = 0; a < A2; ++a) std::fill(V + a * ldv + nt * Cp, V + a * ldv + ntp * Cp, 0.f);
+    // ---- M = V U: one task per (alpha, 16 output channels), over the chunk's tiles
+    at::parallel_for(0, A2 * KB, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t a = task / KB, kb = task % KB;
+        const float* ub = u + (a * KB + kb) * C * NR;
+        for (int64_t r = 0; r < ntp; r += MR) {
+          micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, Mb + a * ldm + r * Kp + kb * NR, Kp);
+        }
+      }
+    });
+    // ---- Y = A^T M A + bias (+ residual), ReLU
+    at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t tt = tb; tt < te; ++tt) {
+        const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
+        const int mh = int(std::min<int64_t>(M, H - th * M)), mw = int(std::min<int64_t>(M, W - tw * M));
+        for (int64_t k = 0; k < K; k += 8) {
+          const bool full = k + 8 <= K;
+          const __m256i km = lanes_below(K - k);
+          V8 mcol[A][A], s[M][A];
+          for (int a = 0; a < A; ++a) {
+            for (int b = 0; b < A; ++b) mcol[b][a] = _mm256_loadu_ps(Mb + (a * A + b) * ldm + tt * Kp + k);
+          }
+          for (int b = 0; b < A; ++b) {
+            V8 o[M];
+            Tf<M>::out(mcol[b], o);  // o[i] = (A^T M)[i][b]
+            for (int i = 0; i < M; ++i) s[i][b] = o[i];
+          }
+          const V8 bv = !bias ? _mm256_setzero_ps()
+                        : full ? _mm256_loadu_ps(bias + k) : _mm256_maskload_ps(bias + k, km);
+          for (int i = 0; i < mh; ++i) {
+            V8 o[M];
+            Tf<M>::out(s[i], o);  // o[j] = (A^T M A)[i][j]
+            const int64_t row = ((n * H + th * M + i) * W + tw * M) * K + k;
+            for (int j = 0; j < mw; ++j) {
+              V8 v = bias ? add(o[j], bv) : o[j];
+              if (res) {
+                const float* p = res + row + j * K;
+                v = add(v, full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, km));
+              }
+              if (relu) v = relu_keep_nan(v);
+              if (full) {
+                _mm256_storeu_ps(y + row + j * K, v);
+              } else {
+                _mm256_maskstore_ps(y + row + j * K, km, v);
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+  return true;
+}
+
+#endif  // DEEPARCH_WINOGRAD
+
+// (y, ok): y = conv2d(x, g, bias, padding=1) (+ residual), ReLU'd when relu, for g with k
+// output channels and u its packed transform for this tile size (ops/conv_winograd.py); ok =
+// false (y unfinished) when x is not finite or too large for the bound (see the top of this file).
+std::tuple<at::Tensor, bool> winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& residual,
+                                                  int64_t K, bool relu, int64_t tile, double bound) {
+  const char* op = "winograd_conv3x3";
+  DA_CHECK_ARG(DEEPARCH_WINOGRAD, op, "built without AVX2/FMA (setup.py DEEPARCH_CPU_ISA)");
+  DA_CHECK_ARG(tile == 2 || tile == 4, op, "tile must be 2 or 4, got ", tile);
+  DA_CHECK_ARG(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
+               op, "x must be a 4-D float32 channels_last-contiguous CPU tensor");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), A = tile + 2;
+  DA_CHECK_ARG(K > 0 && u.dim() == 4 && u.size(0) == A * A && u.size(1) == (K + 15) / 16 &&
+                   u.size(2) == C && u.size(3) == 16 && u.scalar_type() == at::kFloat &&
+                   u.is_contiguous(),
+               op, "u must be the packed (", A * A, ", ", (K + 15) / 16, ", ", C,
+               ", 16) float32 transform, got ", u.sizes());
+  if (bias) {
+    DA_CHECK_ARG(bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat &&
+                     bias->is_contiguous(),
+                 op, "bias must be a contiguous float32 (", K, ") tensor");
+  }
+  at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (residual) {
+    DA_CHECK_ARG(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat &&
+                     residual->is_contiguous(at::MemoryFormat::ChannelsLast),
+                 op, "residual must be a float32 channels_last tensor of shape ", y.sizes());
+  }
+  bool ok = true;
+#if DEEPARCH_WINOGRAD
+  if (y.numel() > 0) {
+    const float* b = bias ? bias->const_data_ptr<float>() : nullptr;
+    const float* r = residual ? residual->const_data_ptr<float>() : nullptr;
+    auto run = tile == 4 ? &winograd_run<4> : &winograd_run<2>;
+    ok = run(x.const_data_ptr<float>(), u.const_data_ptr<float>(), b, r, y.mutable_data_ptr<float>(),
+             N, C, H, W, K, relu, bound);
+  }
+#endif
+  return {y, ok};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeparch, CPU, m) { m.impl("winograd_conv3x3", &winograd_conv3x3_cpu); }
+
+}  // namespace deeparch
