@@ -1,5 +1,5 @@
-// Autograd for the C++ ops, in C++: deeparch::add_relu, deeparch::add_relu_ (with its version
-// counter bump) and deeparch::fused_conv2d.
+// Autograd for the C++ ops, in C++: deeparch::add_relu, deeparch::add_relu_ and deeparch::relu_
+// (with their version counter bumps) and deeparch::fused_conv2d.
 //
 // The schemas are defined in Python (deeparch_kernels/ops/). Python's torch.library
 // register_autograd would put a Python function on every call's path, also under no_grad:
@@ -94,6 +94,36 @@ void add_relu_inplace_version_bump(const at::Tensor& x, const at::Tensor& identi
   torch::autograd::impl::bump_version(x);
 }
 
+// ---------------------------------------------------------------- relu_ (in place, opaque)
+//
+// With a gradient needed it is torch's own x.relu_() (its autograd and version bump); else the
+// CPU kernel, and the ADInplaceOrView kernel bumps x's version, as for add_relu_.
+
+const c10::TypedOperatorHandle<void(const at::Tensor&)>& relu_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("deeparch::relu_", "")
+                             .typed<void(const at::Tensor&)>();
+  return op;
+}
+
+void relu_inplace_autograd(const at::Tensor& x) {
+  if (at::GradMode::is_enabled() && needs_grad(x)) {
+    at::Tensor t = x;
+    t.relu_();
+    return;
+  }
+  at::AutoDispatchBelowAutograd guard;  // on to ADInplaceOrView
+  relu_inplace_op().call(x);
+}
+
+void relu_inplace_version_bump(const at::Tensor& x) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    relu_inplace_op().call(x);
+  }
+  torch::autograd::impl::bump_version(x);
+}
+
 // ---------------------------------------------------------------- fused_conv2d
 
 at::Tensor fused_conv2d_below_autograd(const at::Tensor& x, const at::Tensor& weight,
@@ -177,11 +207,13 @@ at::Tensor fused_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
 
 TORCH_LIBRARY_IMPL(deeparch, ADInplaceOrView, m) {
   m.impl("add_relu_", &add_relu_inplace_version_bump);
+  m.impl("relu_", &relu_inplace_version_bump);
 }
 
 TORCH_LIBRARY_IMPL(deeparch, Autograd, m) {
   m.impl("add_relu", &add_relu_autograd);
   m.impl("add_relu_", &add_relu_inplace_autograd);
+  m.impl("relu_", &relu_inplace_autograd);
   m.impl("fused_conv2d", &fused_conv2d_autograd);
 }
 

@@ -157,6 +157,7 @@ def test_opcheck_cpp_ops(gen):
     y = randn(2, 3, 5, 7, gen=gen, channels_last=True)
     torch.library.opcheck(torch.ops.deeparch.add_relu.default, (x.requires_grad_(), y))
     torch.library.opcheck(torch.ops.deeparch.add_relu_.default, (x.detach().clone(), y))
+    torch.library.opcheck(torch.ops.deeparch.relu_.default, (x.detach().clone(),))
 
 
 def test_opcheck_triton_ops(gen):

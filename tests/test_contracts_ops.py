@@ -23,6 +23,26 @@ CPU_BACKENDS = [b for b in ("cpu", "aten", "reference", "triton") if b in backen
 
 # --------------------------------------------------------------------------- in-place contracts
 
+def test_relu_inplace_op_bumps_once_keeps_nan_and_records_its_gradient():
+    """deeparch::relu_ (the freezing path's opaque epilogue, ops/conv.py): torch's relu_ in
+    place, one version bump per call, NaN kept, and with a gradient needed torch's own autograd."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("C++ extension not built")
+    x = torch.tensor([-1.0, 0.5, float("nan"), -0.0, float("inf"), -float("inf")])
+    want = torch.relu(x)
+    v = x._version
+    torch.ops.deeparch.relu_(x)
+    assert x._version == v + 1
+    assert torch.equal(x.isnan(), want.isnan()) and torch.equal(x.nan_to_num(), want.nan_to_num())
+    leaf = torch.randn(6, requires_grad=True)
+    y = leaf * 1.0
+    torch.ops.deeparch.relu_(y)
+    y.sum().backward()
+    assert torch.equal(leaf.grad, (leaf > 0).float())
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch.ops.deeparch.relu_(leaf)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_add_relu_inplace_bumps_the_version_counter(backend):
     """The issue's reproducer: autograd must refuse a saved tensor overwritten in place."""

@@ -35,12 +35,17 @@ void add_relu_inplace_cpu(const at::Tensor& x, const at::Tensor& identity) {
 
 }  // namespace
 
-// deeparch::relu: torch.relu as an op torch.compile can't see into, so that its CPU pattern
-// passes can't fuse it into oneDNN's convolution as a post-op (whose ReLU turns NaN into 0).
-at::Tensor relu_opaque_cpu(const at::Tensor& x) { return at::relu(x); }
+// deeparch::relu_: x.relu_() as an op torch.compile can't see into, so that its CPU pattern
+// passes can't fuse it into oneDNN's convolution as a post-op (whose ReLU turns NaN into 0); in
+// place, on the convolution's fresh output (inductor keeps a mutating op in place where it can).
+// Its version bump and autograd: autograd.cpp.
+void relu_inplace_opaque_cpu(const at::Tensor& x) {
+  at::Tensor t = x;
+  at::relu_(t);
+}
 
 TORCH_LIBRARY_IMPL(deeparch, CPU, m) {
-  m.impl("relu", &relu_opaque_cpu);
+  m.impl("relu_", &relu_inplace_opaque_cpu);
   m.impl("add_relu", &add_relu_cpu);
   m.impl("add_relu_", &add_relu_inplace_cpu);
 }

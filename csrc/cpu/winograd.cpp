@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "../common.h"
 
@@ -162,9 +163,13 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
   chunk = std::max<int64_t>(MR, chunk / MR * MR);
   chunk = std::min(chunk, (T + MR - 1) / MR * MR);
   // V: (A2, chunk, Cp) and M: (A2, chunk, Kp), row-major; rows past a chunk's last tile are zero.
-  std::vector<float> vbuf(size_t(A2) * chunk * Cp), mbuf(size_t(A2) * chunk * Kp);
-  float* V = vbuf.data();
-  float* Mb = mbuf.data();
+  // Kept per calling thread (at most ~kChunkBytes + a chunk of 6 tiles): a fresh multi-MB buffer
+  // is a fresh mmap each call, and page faults on every page it touches.
+  thread_local std::vector<float> buf;
+  const size_t vsize = size_t(A2) * chunk * Cp;
+  if (buf.size() < vsize + size_t(A2) * chunk * Kp) buf.resize(vsize + size_t(A2) * chunk * Kp);
+  float* V = buf.data();
+  float* Mb = V + vsize;
   const int64_t ldv = chunk * Cp, ldm = chunk * Kp;
   std::atomic<bool> unsafe{false};
   const V8 sign = splat(-0.f);

@@ -31,9 +31,10 @@ OP_ = "add_relu_"
 
 lib.define("add_relu(Tensor x, Tensor identity) -> Tensor")
 lib.define("add_relu_(Tensor(a!) x, Tensor identity) -> ()")
-# torch.relu, opaque to torch.compile (csrc/cpu/add_relu.cpp): ops/conv.py's epilogue under
-# inductor's freezing, which would otherwise fuse a ReLU into oneDNN's convolution and lose NaN.
-lib.define("relu(Tensor x) -> Tensor")
+# x.relu_(), opaque to torch.compile (csrc/cpu/add_relu.cpp, CPU only): ops/conv.py's epilogue
+# under inductor's freezing, which would otherwise fuse a ReLU into oneDNN's convolution as a
+# post-op and lose NaN.
+lib.define("relu_(Tensor(a!) x) -> ()")
 
 
 @torch.library.register_fake("deeparch::add_relu")
@@ -42,9 +43,9 @@ def _add_relu_fake(x, identity):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("deeparch::relu")
-def _relu_fake(x):
-    return torch.empty_like(x)
+@torch.library.register_fake("deeparch::relu_")
+def _relu_inplace_fake(x):
+    return None
 
 
 @torch.library.register_fake("deeparch::add_relu_")

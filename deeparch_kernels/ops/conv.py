@@ -522,11 +522,15 @@ def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
                 # weight it prepacks, as inductor would), keeping what it derives from the weight
                 return torch.ops.deeparch.fused_conv2d_frozen(*args)
             # torch.compile with freezing prepacks stock convolutions for oneDNN: give it one,
-            # with the epilogue in ops it can't fuse into oneDNN's NaN-swallowing ReLU.
+            # with the residual as a stock add (which it fuses into the convolution as oneDNN's
+            # binary post-op: exact, in place in the residual's buffer where it can) and the ReLU
+            # as an in-place op it can't fuse into oneDNN's NaN-swallowing ReLU post-op.
             y = conv2d(x, weight, bias, stride, padding)
             if residual is not None:
-                return torch.ops.deeparch.add_relu(y, residual) if relu else y + residual
-            return torch.ops.deeparch.relu(y) if relu else y
+                y = y + residual
+            if relu:
+                torch.ops.deeparch.relu_(y)
+            return y
         return torch.ops.deeparch.fused_conv2d_auto(*args)  # the choice is made when it runs
     fn = backends.impl(OP, backends.choose(OP, backend, x.device, _key(*args), args))
     backends.fast_store(fast, (fn, args[4], args[5]))
