@@ -74,13 +74,15 @@ def test_kernel_error_is_near_the_direct_convolutions(m, gen):
 
 
 def test_tile_size_rule():
-    """m = 4 unless its transformed weight is large and there are few tiles to reuse it over."""
-    assert conv_winograd.tile((1, 64, 56, 56), 64) == 4
-    assert conv_winograd.tile((1, 256, 14, 14), 256) == 4
-    assert conv_winograd.tile((1, 512, 7, 7), 512) == 2
-    assert conv_winograd.tile((1, 512, 14, 14), 512) == 2
-    assert conv_winograd.tile((1, 512, 28, 28), 512) == 4
-    assert conv_winograd.tile((8, 512, 14, 14), 512) == 4
+    """m = 4 unless there are few tiles (then reading its 36/16 larger transformed weight costs
+    more than the products it saves): the choices measured faster on ResNet's and VGG's layers."""
+    assert conv_winograd.tile((1, 64, 56, 56)) == 4
+    assert conv_winograd.tile((1, 128, 28, 28)) == 4
+    assert conv_winograd.tile((1, 256, 14, 14)) == 2
+    assert conv_winograd.tile((1, 512, 7, 7)) == 2
+    assert conv_winograd.tile((1, 512, 28, 28)) == 4
+    assert conv_winograd.tile((8, 512, 7, 7)) == 4
+    assert conv_winograd.tile((8, 256, 14, 14)) == 4
 
 
 @pytest.mark.parametrize("residual", [None, "nchw", "cl"])
@@ -152,7 +154,8 @@ def test_weight_written_in_place_is_seen(gen):
         first = dict(conv_op._prepacked(w).winograd)
         w.mul_(-2.0)
         out = dk.fused_conv2d(x, w, b, backend="winograd")
-    assert first and conv_op._prepacked(w).winograd[4] is not first[4]
+    now = conv_op._prepacked(w).winograd
+    assert first and now.keys() == first.keys() and all(now[m] is not first[m] for m in now)
     assert rel_err(out, _ref(x, w, b, None, True)) <= TOL
 
 

@@ -10,10 +10,11 @@
 //   Y = A^T M A   per tile, + bias, + residual, ReLU (NaN kept), written to the output
 //
 // Tiles go in chunks sized so that a chunk's V and M stay in the last-level cache; each phase is
-// one at::parallel_for. The input transform also takes max|x| and looks for NaN: the op returns
+// one at::parallel_for. The input transform also takes max|x| and looks for NaN (over each tile's
+// own m x m pixels: the tiles' input windows overlap, those partition x): the op returns
 // ok = false (and the caller runs the direct convolution) unless x is finite and
 // max|x| * bound < 1e30 (bound: the largest L1 norm of a filter), where neither order of
-// summation can overflow (Winograd's intermediates are at most ~4e4 times the direct ones), so
+// summation can overflow (Winograd's intermediates are at most ~4e3 times the direct ones), so
 // that NaN and Inf come out as torch gives them.
 //
 // AVX2 + FMA (the build's at::vec ISA, setup.py): without it the op says so and isn't used.
@@ -199,8 +200,10 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
               const V8 v = o < 0  ? _mm256_setzero_ps()
                            : full ? _mm256_loadu_ps(x + o + c)
                                   : _mm256_maskload_ps(x + o + c, cm);
-              vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
-              vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+              if (i >= 1 && i <= M && j >= 1 && j <= M) {  // the tile's own MxM: each x once
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+                vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+              }
               d[j][i] = v;  // column j, row i
             }
           }

@@ -398,7 +398,7 @@ def _winograd_weight(x, weight, bias, residual) -> Optional[conv_winograd.Transf
     entry = _prepacked_inference(x, weight, bias, residual)
     if entry is None or x.dtype != torch.float32:
         return None
-    return entry.get_winograd(weight, conv_winograd.tile(x.shape, weight.shape[0]))
+    return entry.get_winograd(weight, conv_winograd.tile(x.shape))
 
 
 def _winograd(x, weight, bias, residual, stride, padding, relu):

@@ -5,8 +5,9 @@ its op schema, the weight transform and the choice of m.
   m = 4: 6x6 input tiles, 36 products per 16 outputs and input channel (4x fewer than a direct
          convolution's 144), on the points 0, +-3/2, +-2/3, inf (fp32 error ~2x the direct
          convolution's; the usual 0, +-1, +-2 give ~8x)
-  m = 2: 4x4 tiles, 16 products per 4 outputs (2.25x fewer), for the layers where m = 4's
-         transformed weight (4x the weight) costs more memory traffic than it saves (``tile``)
+  m = 2: 4x4 tiles, 16 products per 4 outputs (2.25x fewer), for the layers with few tiles,
+         where reading m = 4's transformed weight (4x the weight; m = 2's: 1.8x) costs more
+         than the products it saves (``tile``)
 
 Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016).
 
@@ -34,12 +35,13 @@ _G = {
     4: ((1, 0, 0), (8 / 65, 12 / 65, 18 / 65), (8 / 65, -12 / 65, 18 / 65),
         (-81 / 130, -27 / 65, -18 / 65), (-81 / 130, 27 / 65, -18 / 65), (0, 0, 1)),
 }
-# m = 4's transformed weight is 36 / 9 = 4x the weight; where it is larger than this and there are
-# few tiles to reuse it over, m = 2 measured faster (ResNet's 512-channel 7x7 and 14x14 layers).
-_M4_WEIGHT_BYTES = 12 << 20
-_M4_MIN_TILES = 48
-
-
+# The tile size: the GEMMs M = V U cost about (m+2)^2 * max(T, _U_BOUND_ROWS) per (C, K) pair,
+# T the tiles (rounded up to the micro-kernel's 6 rows): with fewer than ~40 tile rows they wait
+# on streaming U from memory (in a model the previous layers have evicted it) rather than on the
+# FMAs. Measured on ResNet's and VGG's layers here (2-core AVX-512 EPYC, caches flushed between
+# calls): it picks the faster of F(2x2) and F(4x4) on each (m = 2 for 256@14x14 and
+# 512@7x7..14x14 at batch 1; m = 4 everywhere at batch 8 and for 64..128 channels).
+_U_BOUND_ROWS = 40
 class Transformed(NamedTuple):
     """A weight's transform for one tile size: ``u`` packed for the kernel's GEMM,
     (m+2)^2 x ceil(K/16) x C x 16 fp32; ``bound`` the largest L1 norm of a filter (inf when
@@ -50,12 +52,15 @@ class Transformed(NamedTuple):
     out_channels: int
 
 
-def tile(x_shape, out_channels: int) -> int:
-    """m for an input of this shape (N, C, H, W) and this many output channels."""
-    n, c, h, w = x_shape
-    if 36 * c * out_channels * 4 <= _M4_WEIGHT_BYTES or n * -(-h // 4) * -(-w // 4) >= _M4_MIN_TILES:
-        return 4
-    return 2
+def tile(x_shape) -> int:
+    """m for an input of this shape (N, C, H, W): the cheaper by the cost above."""
+    n, _, h, w = x_shape
+
+    def cost(m: int) -> int:
+        rows = -(-n * -(-h // m) * -(-w // m) // 6) * 6
+        return (m + 2) ** 2 * max(rows, _U_BOUND_ROWS)
+
+    return 4 if cost(4) <= cost(2) else 2
 
 
 def transform_weight(weight: torch.Tensor, m: int) -> Transformed:
