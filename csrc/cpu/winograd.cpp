@@ -9,8 +9,9 @@
 //   M = V U       A*A GEMMs (tiles x C) @ (C x K): a 6x16 register-blocked FMA micro-kernel
 //   Y = A^T M A   per tile, + bias, + residual, ReLU (NaN kept), written to the output
 //
-// Tiles go in chunks sized so that a chunk's V and M stay in the last-level cache; each phase is
-// one at::parallel_for. The input transform also takes max|x| and looks for NaN (over each tile's
+// Tiles go in chunks sized so that a chunk's V and M stay in cache: for narrow layers with many
+// tiles each thread takes chunks of its own through all three phases (its core's L2), else each
+// phase of a chunk is one at::parallel_for over the threads. The input transform also takes max|x| and looks for NaN (over each tile's
 // own m x m pixels: the tiles' input windows overlap, those partition x): the op returns
 // ok = false (and the caller runs the direct convolution) unless x is finite and
 // max|x| * bound < 1e30 (bound: the largest L1 norm of a filter), where neither order of
@@ -150,8 +151,11 @@ inline V8 relu_keep_nan(V8 v) {
   return _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));  // NaN < 0 is false
 }
 
-// Bytes of V and M per chunk of tiles: about what stays in this machine class's L2 + L3 share.
+// Bytes of V and M per chunk of tiles: about what stays in this machine class's L2 + L3 share,
+// and per thread when each thread takes chunks of its own (its core's L2).
 constexpr int64_t kChunkBytes = 4 << 20;
+constexpr int64_t kOwnChunkBytes = 1 << 20;
+constexpr int64_t kMinOwnRows = 48;  // fewer rows than this reuse u too little: share chunks
 
 template <int M>
 bool winograd_run(const float* x, const float* u, const float* bias, const float* res, float* y,
@@ -160,22 +164,36 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
   const int64_t Th = (H + M - 1) / M, Tw = (W + M - 1) / M, T = N * Th * Tw;
   // V's rows are C rounded up to 8 (zero lanes past C), M's K rounded up to 16 (u's packing).
   const int64_t Cp = (C + 7) / 8 * 8, KB = (K + NR - 1) / NR, Kp = KB * NR;
-  int64_t chunk = kChunkBytes / (A2 * (Cp + Kp) * int64_t(sizeof(float)));
-  chunk = std::max<int64_t>(MR, chunk / MR * MR);
-  chunk = std::min(chunk, (T + MR - 1) / MR * MR);
-  // V: (A2, chunk, Cp) and M: (A2, chunk, Kp), row-major; rows past a chunk's last tile are zero.
-  // Kept per calling thread (at most ~kChunkBytes + a chunk of 6 tiles): a fresh multi-MB buffer
-  // is a fresh mmap each call, and page faults on every page it touches.
-  thread_local std::vector<float> buf;
-  const size_t vsize = size_t(A2) * chunk * Cp;
-  if (buf.size() < vsize + size_t(A2) * chunk * Kp) buf.resize(vsize + size_t(A2) * chunk * Kp);
-  float* V = buf.data();
-  float* Mb = V + vsize;
+  const int64_t tile_bytes = A2 * (Cp + Kp) * int64_t(sizeof(float));
+  const int64_t rows = (T + MR - 1) / MR * MR;
+  const int64_t nth = at::get_num_threads();
+  // Two ways to split the work between threads. Own chunks: each thread runs all three phases on
+  // chunks of its own, which stay in its core's cache, when such chunks still reuse u over
+  // enough rows (64-128 channels) and there are tiles for every thread. Shared chunks: each
+  // phase of a chunk split between the threads (few tiles, or wide layers).
+  const int64_t own = kOwnChunkBytes / tile_bytes / MR * MR;
+  const bool own_chunks = nth > 1 && own >= kMinOwnRows && rows >= nth * kMinOwnRows;
+  int64_t chunk;
+  if (own_chunks) {
+    chunk = std::min(own, ((T + nth - 1) / nth + MR - 1) / MR * MR);
+  } else {
+    chunk = std::min(std::max<int64_t>(MR, kChunkBytes / tile_bytes / MR * MR), rows);
+  }
   const int64_t ldv = chunk * Cp, ldm = chunk * Kp;
   std::atomic<bool> unsafe{false};
   const V8 sign = splat(-0.f);
 
-  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+  // One chunk of tiles [t0, t0 + chunk): its phases are at::parallel_for loops, which run
+  // serially when called from a worker (own chunks).
+  auto run_chunk = [&](int64_t t0) {
+    // V: (A2, chunk, Cp) and M: (A2, chunk, Kp), row-major; rows past the last tile are zero.
+    // Kept per thread: a fresh multi-MB buffer is a fresh mmap each call, and page faults on
+    // every page it touches.
+    thread_local std::vector<float> buf;
+    const size_t vsize = size_t(A2) * chunk * Cp, need = vsize + size_t(A2) * chunk * Kp;
+    if (buf.size() < need) buf.resize(need);
+    float* V = buf.data();
+    float* Mb = V + vsize;
     const int64_t nt = std::min(chunk, T - t0), ntp = (nt + MR - 1) / MR * MR;
     // ---- V = B^T d B, and max|x| / NaN over what is read
     at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
@@ -222,7 +240,7 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
       for (float v : m) mx = std::max(mx, v);
       if (_mm256_movemask_ps(vnan) != 0 || !(double(mx) * bound < 1e30)) unsafe.store(true);
     });
-    if (unsafe.load()) return false;
+    if (unsafe.load()) return;
     for (int a = 0; a < A2; ++a) std::fill(V + a * ldv + nt * Cp, V + a * ldv + ntp * Cp, 0.f);
     // ---- M = V U: one task per (alpha, 16 output channels), over the chunk's tiles
     at::parallel_for(0, A2 * KB, 1, [&](int64_t b, int64_t e) {
@@ -274,8 +292,17 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
         }
       }
     });
+  };
+
+  const int64_t nchunks = (T + chunk - 1) / chunk;
+  if (own_chunks) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e && !unsafe.load(); ++i) run_chunk(i * chunk);
+    });
+  } else {
+    for (int64_t i = 0; i < nchunks && !unsafe.load(); ++i) run_chunk(i * chunk);
   }
-  return true;
+  return !unsafe.load();
 }
 
 #endif  // DEEPARCH_WINOGRAD
