@@ -448,3 +448,26 @@ def test_cuda_timer_control_flow_without_a_gpu(monkeypatch):
     assert res.reps == 6 and len(calls) == 1 + 2 + 6 and res.median_ms >= 0
     timings, errors = t.many({"a": lambda: None, "b": lambda: 1 / 0})
     assert set(timings) == {"a"} and isinstance(errors["b"], ZeroDivisionError)
+
+
+def test_conv_providers_include_the_fused_modules_cpu_paths():
+    """On the CPU the op table also times what the fused modules run in inference: oneDNN on the
+    kept prepacked weight (cpu:prepacked) and, for 3x3 stride-1 layers, Winograd; both give the
+    eager result on the case's inputs."""
+    from deeparch_kernels.bench import specs
+    from deeparch_kernels.ops import conv as conv_op
+
+    if "cpu" not in [n for n, av in dk.available_backends(CPU).items() if av.available]:
+        pytest.skip("C++ extension not built")
+    case = cases.ConvCase(1, 32, 10, 9, 24, form="residual")
+    provs = {p.name: p for p in specs.conv_providers(case, ["cpu", "aten"], specs.OPS, False)}
+    assert {"cpu:prepacked", "winograd"} <= set(provs)
+    ((x, w, b, r),) = specs.conv_inputs(case, CPU, 1)
+    want = provs["eager"].fn(x, w, b, r.clone())
+    for name in ("cpu:prepacked", "winograd"):
+        out = provs[name].fn(x, w, b, r)
+        assert testing.rel_err(out, want) <= 1e-5, name
+    assert conv_op._prepacked(w).winograd  # the Winograd kernel ran
+    strided = cases.ConvCase(1, 32, 10, 9, 24, stride=2)
+    names = [p.name for p in specs.conv_providers(strided, ["cpu", "aten"], specs.OPS, False)]
+    assert "cpu:prepacked" in names and "winograd" not in names
