@@ -28,13 +28,19 @@ class Provider:
     inplace: bool = False  # overwrites its first input
     compiled: bool = False  # torch.compile(fn) once per case
     eager_provider: Optional[str] = "eager"  # the row its "vs eager" speedup is taken against
+    keeps: bool = False  # its first call on a weight does work it keeps (a prepacked weight)
 
     def timed(self, sets: List[tuple], device: torch.device) -> Tuple[Callable[[], object], Optional[float]]:
         """(the callable to time, torch.compile's seconds or None): its own copies of the inputs it
-        overwrites, compiled once (dynamic=False, after a dynamo reset), rotating among ``sets``."""
+        overwrites, compiled once (dynamic=False, after a dynamo reset), called once on each set
+        first when it ``keeps`` what a first call derives (not timed, as a compile), rotating
+        among ``sets``."""
         if self.inplace:
             sets = [(s[0].clone(),) + tuple(s[1:]) for s in sets]
         fn, compile_s = self.fn, None
+        if self.keeps:
+            for s in sets:
+                fn(*s)
         if self.compiled:
             torch._dynamo.reset()
             fn = torch.compile(self.fn, dynamic=False)
@@ -214,11 +220,12 @@ def conv_providers(case: ConvCase, backends: Sequence[str], ops: Sequence[str],
             return ours(x, w, b, r, backend=backend)
 
         provs.append(Provider("cpu:prepacked", "ours", "fused_conv2d",
-                              lambda *a: kept(*a, backend="cpu"), backend="cpu"))
+                              lambda *a: kept(*a, backend="cpu"), backend="cpu", keeps=True))
         probe = (torch.empty(0), torch.empty(case.K, case.C, case.k, case.k), None, None, [s, s], [p, p], True)
         if conv_op._winograd_supports(*probe) is None:
             provs.append(Provider("winograd", "ours", "fused_conv2d",
-                                  lambda *a: kept(*a, backend="winograd"), backend="winograd"))
+                                  lambda *a: kept(*a, backend="winograd"), backend="winograd",
+                                  keeps=True))
     return provs
 
 
