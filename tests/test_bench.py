@@ -235,7 +235,7 @@ def test_opbench_rows_and_speedups():
     r = {r["provider"]: r for r in ob.run([cases.AddCase((2, 8, 5, 5))])}["cpu"]
     assert r["roofline_pct"] == pytest.approx(100 * r["gbps"] / 10.0)
     conv = {r["provider"]: r for r in rows if r["op"] == "fused_conv2d"}
-    assert set(conv) == {"eager", "conv-only", "cpu", "reference"}
+    assert set(conv) == {"eager", "conv-only", "cpu", "cpu:prepacked", "reference"}  # 4 channels: no winograd
     assert conv["cpu"]["tflops"] and conv["cpu"]["roofline_pct"] == pytest.approx(100 * conv["cpu"]["tflops"] / 0.1)
     assert conv["cpu"]["speedup_vs_compile"] is None  # no compile row
 
