@@ -98,46 +98,28 @@ struct Tf<2> {
   }
 };
 
-// c[r][0:16] = sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < 6 (k < kc).
+// c[r][0:16] = sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < 6 (k < kc): 12
+// accumulators, two vectors of b and one broadcast of a per row and k (the loops unroll fully, the
+// arrays live in registers: checked in the object code, no spills).
 inline void micro_6x16(const float* a, int64_t lda, const float* b, int64_t kc, float* c,
                        int64_t ldc) {
-  V8 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  V8 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-              *a5 = a + 5 * lda;
+  V8 acc[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, b += NR) {
     const V8 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    V8 t = _mm256_broadcast_ss(a0 + k);
-    c00 = fma(t, b0, c00);
-    c01 = fma(t, b1, c01);
-    t = _mm256_broadcast_ss(a1 + k);
-    c10 = fma(t, b0, c10);
-    c11 = fma(t, b1, c11);
-    t = _mm256_broadcast_ss(a2 + k);
-    c20 = fma(t, b0, c20);
-    c21 = fma(t, b1, c21);
-    t = _mm256_broadcast_ss(a3 + k);
-    c30 = fma(t, b0, c30);
-    c31 = fma(t, b1, c31);
-    t = _mm256_broadcast_ss(a4 + k);
-    c40 = fma(t, b0, c40);
-    c41 = fma(t, b1, c41);
-    t = _mm256_broadcast_ss(a5 + k);
-    c50 = fma(t, b0, c50);
-    c51 = fma(t, b1, c51);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const V8 t = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = fma(t, b0, acc[r][0]);
+      acc[r][1] = fma(t, b1, acc[r][1]);
+    }
   }
-  _mm256_storeu_ps(c, c00);
-  _mm256_storeu_ps(c + 8, c01);
-  _mm256_storeu_ps(c + ldc, c10);
-  _mm256_storeu_ps(c + ldc + 8, c11);
-  _mm256_storeu_ps(c + 2 * ldc, c20);
-  _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-  _mm256_storeu_ps(c + 3 * ldc, c30);
-  _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-  _mm256_storeu_ps(c + 4 * ldc, c40);
-  _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-  _mm256_storeu_ps(c + 5 * ldc, c50);
-  _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
 }
 
 // A mask of the first min(n, 8) lanes (for the channel tails).
