@@ -126,6 +126,19 @@ def test_nonfinite_and_huge_inputs_come_out_as_torch_gives_them(value, relu, gen
     assert rel_err(out, _ref(x, w, b, None, relu)) <= TOL or value == 3e37
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_nonfinite_input_in_any_chunk_runs_the_direct_convolution(where, gen):
+    """With many tiles the threads take chunks of their own: a NaN in the first or the last
+    chunk still sends the whole call to the direct convolution (NaN where torch puts it)."""
+    x, w, b = _case(gen, 2, 64, 41, 38, 64)
+    x[0 if where == "first" else 1, 5, 2 if where == "first" else 39, 3] = float("nan")
+    with torch.no_grad():
+        out = dk.fused_conv2d(x, w, b, backend="winograd")
+    assert conv_op._prepacked(w).winograd  # the Winograd kernel was tried
+    assert nonfinite_mismatch(out, _torch(x, w, b, None, True)) is None
+    assert rel_err(out, _ref(x, w, b, None, True)) <= TOL
+
+
 def test_nonfinite_residual_comes_out_as_torch_gives_it(gen):
     x, w, b = _case(gen, 1, 16, 6, 6, 8)
     r = randn(1, 8, 6, 6, gen=gen).contiguous(memory_format=CL)
