@@ -41,6 +41,8 @@ def test_relu_inplace_op_bumps_once_keeps_nan_and_records_its_gradient():
     assert torch.equal(leaf.grad, (leaf > 0).float())
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
         torch.ops.deeparch.relu_(leaf)
+    with pytest.raises(RuntimeError, match="single memory location"):  # as x.relu_() refuses
+        torch.ops.deeparch.relu_(torch.zeros(1).expand(4))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])

@@ -150,6 +150,31 @@ def test_compile_with_freezing_keeps_nan(gen, monkeypatch):
     torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
 
 
+def test_freezing_epilogue_compiles_with_dynamic_shapes_and_exports(gen, monkeypatch):
+    """The freezing path's epilogue (a stock add, then deeparch::relu_ in place on the
+    convolution's fresh output) under torch.compile with a dynamic batch size and under
+    torch.export: torch's values, NaN where eager puts it."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    torch.manual_seed(0)
+    block = dk.nn.FusedBasicBlock(8, 8).eval().to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, dynamic=True)
+    with torch.no_grad():
+        for n in (2, 3):
+            x = randn(n, 8, 6, 5, gen=gen).contiguous(memory_format=torch.channels_last)
+            x[n - 1, 2, 3, 3] = float("nan")
+            want, out = block(x), compiled(x)
+            assert torch.equal(out.isnan(), want.isnan()) and bool(want.isnan().any())
+            torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
+        exported = torch.export.export(block, (x,)).module()
+        out = exported(x)
+    assert torch.equal(out.isnan(), want.isnan())
+    torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_a_fold_keeps_its_call_bound_and_drops_it_when_anything_differs(gen, monkeypatch):
     """After an eager inference call, each fold keeps its fused_conv2d call bound
     (ops/conv.py BoundConv: the fast path's per-call work done once, oneDNN on the prepacked

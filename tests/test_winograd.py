@@ -76,7 +76,8 @@ def test_kernel_error_is_near_the_direct_convolutions(m, gen):
 
 def test_tile_size_rule():
     """m = 4 unless there are few tiles (then reading its 36/16 larger transformed weight costs
-    more than the products it saves): the choices measured faster on ResNet's and VGG's layers."""
+    more than the products it saves): the choices measured faster on these layers (see
+    conv_winograd's cost comment for how)."""
     assert conv_winograd.tile((1, 64, 56, 56)) == 4
     assert conv_winograd.tile((1, 128, 28, 28)) == 4
     assert conv_winograd.tile((1, 256, 14, 14)) == 2

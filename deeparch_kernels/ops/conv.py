@@ -406,8 +406,9 @@ def _winograd(x, weight, bias, residual, stride, padding, relu):
     (``prepack``), channels_last output and no gradient needed, Winograd F(4x4, 3x3) or
     F(2x2, 3x3) (ops/conv_winograd.py, csrc/cpu/winograd.cpp) when the input is finite and far
     from overflow; everything else as the ``cpu`` backend. ``auto`` takes it for the layers where
-    it measures faster (1.2-2.9x oneDNN's direct convolution on ResNet's and VGG's 3x3 layers
-    here, at batch 1 and 8)."""
+    it measures faster (benchmarks/results/2026-12-06-cpu.md, batch 1, against oneDNN on the
+    prepacked weight: 1.6-2.5x on ResNet's and VGG's layers of 28x28 and more, 1.3x at 512@14x14,
+    1.1x at 256@14x14, 0.75x at 512@7x7)."""
     if not torch.compiler.is_compiling():
         t = _winograd_weight(x, weight, bias, residual)
         if t is not None:
@@ -448,8 +449,8 @@ if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
 # On the CPU "cpu" runs oneDNN on prepacked weights for the fused modules (1.05-1.6x F.conv2d
 # on ResNet's batch-1 layers, ~1.0-1.2x at batch 8, measured here): first when nothing is timed.
-# "winograd" is 1.2-2.9x "cpu" on ResNet's and VGG's 3x3 stride-1 layers (2-core AVX-512 EPYC,
-# batch 1 and 8): second, and taken where timing says so.
+# "winograd" is 0.75-2.5x "cpu" on ResNet's and VGG's 3x3 stride-1 layers (2-core AVX-512 EPYC,
+# batch 1; slower only on the smallest, 512@7x7): second, and taken where timing says so.
 backends.set_auto_order(OP, "cpu", ("cpu", "winograd", "aten"))
 
 

@@ -38,9 +38,10 @@ _G = {
 # The tile size: the GEMMs M = V U cost about (m+2)^2 * max(T, _U_BOUND_ROWS) per (C, K) pair,
 # T the tiles (rounded up to the micro-kernel's 6 rows): with fewer than ~40 tile rows they wait
 # on streaming U from memory (in a model the previous layers have evicted it) rather than on the
-# FMAs. Measured on ResNet's and VGG's layers here (2-core AVX-512 EPYC, caches flushed between
-# calls): it picks the faster of F(2x2) and F(4x4) on each (m = 2 for 256@14x14 and
-# 512@7x7..14x14 at batch 1; m = 4 everywhere at batch 8 and for 64..128 channels).
+# FMAs. Measured here (2-core AVX-512 EPYC) it picks the faster of F(2x2) and F(4x4) on ResNet's
+# layers with caches flushed between calls (batch 1: m = 4 for 64@56x56 and 128@28x28, m = 2 for
+# 256@14x14 and 512@7x7; batch 8: m = 4 for 64@56x56, 128@28x28, 256@14x14), and on 512@14x14
+# (m = 2) and 512@28x28 (m = 4) at batch 1 and 512@7x7 at batch 8 (m = 4) with warm caches.
 _U_BOUND_ROWS = 40
 class Transformed(NamedTuple):
     """A weight's transform for one tile size: ``u`` packed for the kernel's GEMM,
