@@ -39,9 +39,22 @@ void add_relu_inplace_cpu(const at::Tensor& x, const at::Tensor& identity) {
 // passes can't fuse it into oneDNN's convolution as a post-op (whose ReLU turns NaN into 0); in
 // place, on the convolution's fresh output (inductor keeps a mutating op in place where it can).
 // Its version bump and autograd: autograd.cpp.
+// Dense floating tensors (the case it exists for) take the flat kernel, fp16/bf16 on their bits
+// (vec_kernels.h: 3-4x torch's bf16 relu_ here); anything else is torch's relu_ (its dtypes, its
+// refusal of overlapping tensors).
 void relu_inplace_opaque_cpu(const at::Tensor& x) {
-  at::Tensor t = x;
-  at::relu_(t);
+  if (x.numel() == 0) return;
+  const auto t = x.scalar_type();
+  if ((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && x.is_non_overlapping_and_dense()) {
+    dispatch_float_types(t, "relu_", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      scalar_t* p = x.mutable_data_ptr<scalar_t>();
+      cpu::relu_flat<scalar_t>(p, p, x.numel());
+    });
+    return;
+  }
+  at::Tensor y = x;
+  at::relu_(y);
 }
 
 TORCH_LIBRARY_IMPL(deeparch, CPU, m) {
