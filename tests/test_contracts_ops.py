@@ -45,6 +45,42 @@ def test_relu_inplace_op_bumps_once_keeps_nan_and_records_its_gradient():
         torch.ops.deeparch.relu_(torch.zeros(1).expand(4))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_relu_inplace_op_is_torchs_relu_on_every_value(dtype):
+    """deeparch::relu_'s own kernels (fp16/bf16 on their bits, fp32 compares; vec_kernels.h):
+    every 16-bit pattern, and fp32's specials and random bits, come out as torch.relu gives them
+    -- the same bits, -0 and +-inf included, NaN where torch has NaN -- in a dense tensor (whose
+    length leaves a vector tail), a channels_last one and a strided view (torch's relu_ there)."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("C++ extension not built")
+    if dtype == torch.float32:
+        bits = torch.cat([torch.randint(-2**31, 2**31 - 1, (100_003,), dtype=torch.int32),
+                          torch.tensor([0, -2**31, 0x7f800000, -0x800000, 0x7fc00000, -1, 1, -2**31 + 1],
+                                       dtype=torch.int32)])
+    else:
+        bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    want = torch.relu(x)
+
+    def same(got, want):
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        ib = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got[~nan].view(ib), want[~nan].view(ib))  # bit for bit: -0 stays -0
+
+    for t in (x.clone(), x[1:].clone()):  # two lengths: vector tails differ
+        torch.ops.deeparch.relu_(t)
+        same(t, torch.relu(t.new_empty(0)) if t.numel() == 0 else want[-t.numel():])
+    n = x.numel() // 64 * 64
+    cl = x[:n].reshape(-1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    torch.ops.deeparch.relu_(cl)
+    same(cl.flatten(), want[:n])
+    base = x.clone()
+    torch.ops.deeparch.relu_(base[::3])  # strided: only the view's elements change
+    same(base[::3], want[::3])
+    assert torch.equal(base.view(bits.dtype)[1::3], bits[1::3])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_add_relu_inplace_bumps_the_version_counter(backend):
     """The issue's reproducer: autograd must refuse a saved tensor overwritten in place."""
