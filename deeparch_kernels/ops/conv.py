@@ -357,14 +357,17 @@ def _prepacked_weight(x, weight, bias, residual, stride, padding) -> Optional[to
 
 def _run_prepacked(x, packed, bias, residual, stride, padding, relu):
     """oneDNN's convolution on a prepacked weight with the bias and the residual add fused
-    (exact), then torch's NaN-keeping ReLU in place (oneDNN's fused ReLU turns NaN into 0)."""
+    (exact), then the NaN-keeping ReLU in place (oneDNN's fused ReLU turns NaN into 0):
+    deeparch::relu_, as under torch.compile (fp32 as torch's relu_; bf16 3.4x faster, on its bits)."""
     if residual is None:
         y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, [1, 1], 1,
                                                     "none", [], "")
     else:
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, packed, bias, padding, stride, [1, 1], 1, "add", None, None, [], None)
-    return y.relu_() if relu else y
+    if relu:
+        torch.ops.deeparch.relu_.default(y)
+    return y
 
 
 def _cpu(x, weight, bias, residual, stride, padding, relu):
