@@ -139,13 +139,133 @@ constexpr int64_t kChunkBytes = 4 << 20;
 constexpr int64_t kOwnChunkBytes = 1 << 20;
 constexpr int64_t kMinOwnRows = 48;  // fewer rows than this reuse u too little: share chunks
 
+// The layer's shape: N images of C x H x W in, K channels out, Th x Tw tiles each; V's rows are
+// C rounded up to 8 (zero lanes past C), M's K rounded up to 16 (u's packing).
+struct Shape {
+  int64_t C, H, W, K, Th, Tw, Cp, Kp;
+};
+
+// The three phases are functions of their arguments, called from at::parallel_for's lambdas:
+// every vector store may alias memory (the intrinsics' types are may_alias), so pointers and
+// sizes read from a lambda's captures would be reloaded after each one.
+
+// V = B^T d B for tiles [t0 + tb, t0 + te) (rows tb..te of the chunk's V: (A2, chunk, Cp), row
+// stride ldv per alpha). Returns false when x there is not finite or max|x| * bound >= 1e30.
+template <int M>
+bool input_tiles(const float* x, float* V, int64_t ldv, const Shape s, int64_t t0, int64_t tb,
+                 int64_t te, double bound) {
+  constexpr int A = Tf<M>::A;
+  const int64_t C = s.C, H = s.H, W = s.W, Th = s.Th, Tw = s.Tw, Cp = s.Cp;
+  const V8 sign = splat(-0.f);
+  V8 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+  int64_t off[A][A];
+  for (int64_t tt = tb; tt < te; ++tt) {
+    const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
+    const int64_t h0 = th * M - 1, w0 = tw * M - 1;
+    for (int i = 0; i < A; ++i) {
+      for (int j = 0; j < A; ++j) {
+        const int64_t h = h0 + i, w = w0 + j;
+        off[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? ((n * H + h) * W + w) * C : -1;
+      }
+    }
+    for (int64_t c = 0; c < C; c += 8) {
+      const bool full = c + 8 <= C;
+      const __m256i cm = lanes_below(C - c);
+      V8 d[A][A], tcol[A][A];
+      for (int i = 0; i < A; ++i) {
+        for (int j = 0; j < A; ++j) {
+          const int64_t o = off[i][j];
+          const V8 v = o < 0  ? _mm256_setzero_ps()
+                       : full ? _mm256_loadu_ps(x + o + c)
+                              : _mm256_maskload_ps(x + o + c, cm);
+          if (i >= 1 && i <= M && j >= 1 && j <= M) {  // the tile's own MxM: each x once
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          }
+          d[j][i] = v;  // column j, row i
+        }
+      }
+      for (int j = 0; j < A; ++j) Tf<M>::in(d[j], tcol[j]);  // tcol[j][a] = (B^T d)[a][j]
+      for (int a = 0; a < A; ++a) {
+        V8 row[A], o[A];
+        for (int j = 0; j < A; ++j) row[j] = tcol[j][a];
+        Tf<M>::in(row, o);  // o[b] = (B^T d B)[a][b]
+        for (int b = 0; b < A; ++b) _mm256_storeu_ps(V + (a * A + b) * ldv + tt * Cp + c, o[b]);
+      }
+    }
+  }
+  float m[8];
+  _mm256_storeu_ps(m, vmax);
+  float mx = 0.f;
+  for (float v : m) mx = std::max(mx, v);
+  return _mm256_movemask_ps(vnan) == 0 && double(mx) * bound < 1e30;
+}
+
+// M = V U for tasks [b, e): task = (alpha, 16 output channels), over the chunk's ntp rows.
+inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, int64_t ldm,
+                       int64_t C, int64_t Cp, int64_t KB, int64_t Kp, int64_t ntp, int64_t b,
+                       int64_t e) {
+  for (int64_t task = b; task < e; ++task) {
+    const int64_t a = task / KB, kb = task % KB;
+    const float* ub = u + (a * KB + kb) * C * NR;
+    for (int64_t r = 0; r < ntp; r += MR) {
+      micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, Mb + a * ldm + r * Kp + kb * NR, Kp);
+    }
+  }
+}
+
+// Y = A^T M A + bias (+ residual), ReLU, for tiles [t0 + tb, t0 + te).
+template <int M>
+void output_tiles(const float* Mb, int64_t ldm, const float* bias, const float* res, float* y,
+                  const Shape s, bool relu, int64_t t0, int64_t tb, int64_t te) {
+  constexpr int A = Tf<M>::A;
+  const int64_t H = s.H, W = s.W, K = s.K, Th = s.Th, Tw = s.Tw, Kp = s.Kp;
+  for (int64_t tt = tb; tt < te; ++tt) {
+    const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
+    const int mh = int(std::min<int64_t>(M, H - th * M)), mw = int(std::min<int64_t>(M, W - tw * M));
+    for (int64_t k = 0; k < K; k += 8) {
+      const bool full = k + 8 <= K;
+      const __m256i km = lanes_below(K - k);
+      V8 mcol[A][A], sm[M][A];
+      for (int a = 0; a < A; ++a) {
+        for (int b = 0; b < A; ++b) mcol[b][a] = _mm256_loadu_ps(Mb + (a * A + b) * ldm + tt * Kp + k);
+      }
+      for (int b = 0; b < A; ++b) {
+        V8 o[M];
+        Tf<M>::out(mcol[b], o);  // o[i] = (A^T M)[i][b]
+        for (int i = 0; i < M; ++i) sm[i][b] = o[i];
+      }
+      const V8 bv = !bias ? _mm256_setzero_ps()
+                    : full ? _mm256_loadu_ps(bias + k) : _mm256_maskload_ps(bias + k, km);
+      for (int i = 0; i < mh; ++i) {
+        V8 o[M];
+        Tf<M>::out(sm[i], o);  // o[j] = (A^T M A)[i][j]
+        const int64_t row = ((n * H + th * M + i) * W + tw * M) * K + k;
+        for (int j = 0; j < mw; ++j) {
+          V8 v = bias ? add(o[j], bv) : o[j];
+          if (res) {
+            const float* p = res + row + j * K;
+            v = add(v, full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, km));
+          }
+          if (relu) v = relu_keep_nan(v);
+          if (full) {
+            _mm256_storeu_ps(y + row + j * K, v);
+          } else {
+            _mm256_maskstore_ps(y + row + j * K, km, v);
+          }
+        }
+      }
+    }
+  }
+}
+
 template <int M>
 bool winograd_run(const float* x, const float* u, const float* bias, const float* res, float* y,
                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, bool relu, double bound) {
   constexpr int A = Tf<M>::A, A2 = A * A;
   const int64_t Th = (H + M - 1) / M, Tw = (W + M - 1) / M, T = N * Th * Tw;
-  // V's rows are C rounded up to 8 (zero lanes past C), M's K rounded up to 16 (u's packing).
   const int64_t Cp = (C + 7) / 8 * 8, KB = (K + NR - 1) / NR, Kp = KB * NR;
+  const Shape shape{C, H, W, K, Th, Tw, Cp, Kp};
   const int64_t tile_bytes = A2 * (Cp + Kp) * int64_t(sizeof(float));
   const int64_t rows = (T + MR - 1) / MR * MR;
   const int64_t nth = at::get_num_threads();
@@ -163,7 +283,6 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
   }
   const int64_t ldv = chunk * Cp, ldm = chunk * Kp;
   std::atomic<bool> unsafe{false};
-  const V8 sign = splat(-0.f);
 
   // One chunk of tiles [t0, t0 + chunk): its phases are at::parallel_for loops, which run
   // serially when called from a worker (own chunks).
@@ -174,105 +293,19 @@ bool winograd_run(const float* x, const float* u, const float* bias, const float
     thread_local std::vector<float> buf;
     const size_t vsize = size_t(A2) * chunk * Cp, need = vsize + size_t(A2) * chunk * Kp;
     if (buf.size() < need) buf.resize(need);
-    float* V = buf.data();
-    float* Mb = V + vsize;
+    float* const V = buf.data();
+    float* const Mb = V + vsize;
     const int64_t nt = std::min(chunk, T - t0), ntp = (nt + MR - 1) / MR * MR;
-    // ---- V = B^T d B, and max|x| / NaN over what is read
     at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
-      V8 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
-      int64_t off[A][A];
-      for (int64_t tt = tb; tt < te; ++tt) {
-        const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
-        const int64_t h0 = th * M - 1, w0 = tw * M - 1;
-        for (int i = 0; i < A; ++i) {
-          for (int j = 0; j < A; ++j) {
-            const int64_t h = h0 + i, w = w0 + j;
-            off[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? ((n * H + h) * W + w) * C : -1;
-          }
-        }
-        for (int64_t c = 0; c < C; c += 8) {
-          const bool full = c + 8 <= C;
-          const __m256i cm = lanes_below(C - c);
-          V8 d[A][A], tcol[A][A];
-          for (int i = 0; i < A; ++i) {
-            for (int j = 0; j < A; ++j) {
-              const int64_t o = off[i][j];
-              const V8 v = o < 0  ? _mm256_setzero_ps()
-                           : full ? _mm256_loadu_ps(x + o + c)
-                                  : _mm256_maskload_ps(x + o + c, cm);
-              if (i >= 1 && i <= M && j >= 1 && j <= M) {  // the tile's own MxM: each x once
-                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
-                vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-              }
-              d[j][i] = v;  // column j, row i
-            }
-          }
-          for (int j = 0; j < A; ++j) Tf<M>::in(d[j], tcol[j]);  // tcol[j][a] = (B^T d)[a][j]
-          for (int a = 0; a < A; ++a) {
-            V8 row[A], o[A];
-            for (int j = 0; j < A; ++j) row[j] = tcol[j][a];
-            Tf<M>::in(row, o);  // o[b] = (B^T d B)[a][b]
-            for (int b = 0; b < A; ++b) _mm256_storeu_ps(V + (a * A + b) * ldv + tt * Cp + c, o[b]);
-          }
-        }
-      }
-      float m[8];
-      _mm256_storeu_ps(m, vmax);
-      float mx = 0.f;
-      for (float v : m) mx = std::max(mx, v);
-      if (_mm256_movemask_ps(vnan) != 0 || !(double(mx) * bound < 1e30)) unsafe.store(true);
+      if (!input_tiles<M>(x, V, ldv, shape, t0, tb, te, bound)) unsafe.store(true);
     });
     if (unsafe.load()) return;
     for (int a = 0; a < A2; ++a) std::fill(V + a * ldv + nt * Cp, V + a * ldv + ntp * Cp, 0.f);
-    // ---- M = V U: one task per (alpha, 16 output channels), over the chunk's tiles
     at::parallel_for(0, A2 * KB, 1, [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t a = task / KB, kb = task % KB;
-        const float* ub = u + (a * KB + kb) * C * NR;
-        for (int64_t r = 0; r < ntp; r += MR) {
-          micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, Mb + a * ldm + r * Kp + kb * NR, Kp);
-        }
-      }
+      gemm_tasks(V, ldv, u, Mb, ldm, C, Cp, KB, Kp, ntp, b, e);
     });
-    // ---- Y = A^T M A + bias (+ residual), ReLU
     at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
-      for (int64_t tt = tb; tt < te; ++tt) {
-        const int64_t t = t0 + tt, n = t / (Th * Tw), th = (t / Tw) % Th, tw = t % Tw;
-        const int mh = int(std::min<int64_t>(M, H - th * M)), mw = int(std::min<int64_t>(M, W - tw * M));
-        for (int64_t k = 0; k < K; k += 8) {
-          const bool full = k + 8 <= K;
-          const __m256i km = lanes_below(K - k);
-          V8 mcol[A][A], s[M][A];
-          for (int a = 0; a < A; ++a) {
-            for (int b = 0; b < A; ++b) mcol[b][a] = _mm256_loadu_ps(Mb + (a * A + b) * ldm + tt * Kp + k);
-          }
-          for (int b = 0; b < A; ++b) {
-            V8 o[M];
-            Tf<M>::out(mcol[b], o);  // o[i] = (A^T M)[i][b]
-            for (int i = 0; i < M; ++i) s[i][b] = o[i];
-          }
-          const V8 bv = !bias ? _mm256_setzero_ps()
-                        : full ? _mm256_loadu_ps(bias + k) : _mm256_maskload_ps(bias + k, km);
-          for (int i = 0; i < mh; ++i) {
-            V8 o[M];
-            Tf<M>::out(s[i], o);  // o[j] = (A^T M A)[i][j]
-            const int64_t row = ((n * H + th * M + i) * W + tw * M) * K + k;
-            for (int j = 0; j < mw; ++j) {
-              V8 v = bias ? add(o[j], bv) : o[j];
-              if (res) {
-                const float* p = res + row + j * K;
-                v = add(v, full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, km));
-              }
-              if (relu) v = relu_keep_nan(v);
-              if (full) {
-                _mm256_storeu_ps(y + row + j * K, v);
-              } else {
-                _mm256_maskstore_ps(y + row + j * K, km, v);
-              }
-            }
-          }
-        }
-      }
+      output_tiles<M>(Mb, ldm, bias, res, y, shape, relu, t0, tb, te);
     });
   };
 
