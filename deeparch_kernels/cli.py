@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--models", type=_one_of(list(BENCH_MODELS) + ["all", "none"], "model"),
         help="comma list of vgg16, resnet18, resnet50, all or none (default: all; --quick: resnet18)")
     arg("--dtypes", type=_listed(parse_dtype), help="comma list of fp32, fp16, bf16, for verification and "
-        "timing (default: CPU fp32; GPU: verify fp32, fp16, bf16, time the anchor table's dtypes)")
+        "timing (default: CPU fp32, and models in bf16 too on a CPU with native bf16, AVX512-BF16 or "
+        "AMX; GPU: verify fp32, fp16, bf16, time the anchor table's dtypes, models in fp16)")
     arg("--shapes", type=_listed(parse_shape_spec), help="comma list of shape sets or explicit shapes "
         "(default: anchors on a GPU, cpu on a CPU, tiny with --quick)")
     arg("--batch", type=_listed(_positive), help="conv batch sizes, comma list (default: 32 on a GPU, 1 on a "

@@ -169,4 +169,21 @@ def test_defaults_on_a_gpu_machine(monkeypatch):
     assert cfg.verify_backends == ["cuda", "triton", "aten", "reference", "auto"]
     assert cfg.bench_backends == ["cuda", "triton", "aten"] and cfg.model_backends == ["auto"]
     assert cfg.compile and cfg.compile_models and cfg.model_batch == 64 and cfg.latency
-    assert cfg.model_dtype == torch.float16 and 200 <= cfg.budget_s <= 240
+    assert cfg.model_dtypes == [torch.float16] and 200 <= cfg.budget_s <= 240
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_models_run_bf16_too_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    """On a CPU the models run in fp32, and in bf16 too where the CPU has native bf16
+    (AVX512-BF16 or AMX, env.cpu_bf16_isa); --dtypes overrides both; the report's header names
+    the bf16 ISA it ran on."""
+    from deeparch_kernels.bench import env, report
+
+    monkeypatch.setattr(env, "cpu_runs_bf16_natively", lambda: native)
+    cfg = cli.parse_config(["--device", "cpu"])
+    assert cfg.model_dtypes == [torch.float32] + ([torch.bfloat16] if native else [])
+    assert cli.parse_config(["--device", "cpu", "--dtypes", "bf16"]).model_dtypes == [torch.bfloat16]
+    e = env.environment(torch.device("cpu"))
+    assert e["cpu_bf16_isa"] in (None, "avx512_bf16", "amx_bf16")
+    head = report.header_text({"env": e, "created": "now"})
+    assert f"native bf16: {e['cpu_bf16_isa'] or 'none'}" in head

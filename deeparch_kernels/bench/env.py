@@ -86,6 +86,28 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+def cpu_bf16_isa() -> Optional[str]:
+    """The instructions this CPU multiplies bfloat16 with, natively: "amx_bf16" (AMX tiles),
+    "avx512_bf16" (VDPBF16PS), or None (no native bf16: oneDNN then converts to fp32, when it
+    runs bf16 at all). From torch's cpuinfo queries (private names: None where they are gone)."""
+    q = getattr(torch, "cpu", None)
+    try:
+        if getattr(q, "_is_amx_tile_supported", lambda: False)():
+            return "amx_bf16"
+        if getattr(q, "_is_avx512_bf16_supported", lambda: False)():
+            return "avx512_bf16"
+    except RuntimeError:  # pragma: no cover - a build without cpuinfo
+        return None
+    return None
+
+
+def cpu_runs_bf16_natively() -> bool:
+    """bfloat16 convolutions here run on native bf16 instructions through oneDNN (what the main
+    job's bf16 model rows on the CPU measure)."""
+    return (cpu_bf16_isa() is not None and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     """The ``env`` block of a result file."""
     from .. import __version__, _ext
@@ -105,6 +127,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         env["onednn_bf16"] = bool(torch.backends.mkldnn.is_available()
                                   and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        env["cpu_bf16_isa"] = cpu_bf16_isa()
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,

@@ -102,7 +102,7 @@ class ModelBench:
                 case_rows += self._run_batch(name, tv, ours, batch, form)
             lost = sorted({f"{r.provider} at batch {r.shape[0]}" for r in case_rows if r.nan_kept is False})
             if lost:  # on a CPU, torch.compile fuses oneDNN's ReLU post-op, which turns NaN into 0
-                self.notes.append(f"models: {name}: NaN in the input does not come out where torch eager "
+                self.notes.append(f"models: {name} {dtype_name(self.dtype)}: NaN in the input does not come out where torch eager "
                                   f"puts it from {', '.join(lost)} (column NaN: LOST)")
             rows += [asdict(r) for r in case_rows]
             log.info(f"[model {i}/{len(self.names)}] {name} batch {self.batch} {dtype_name(self.dtype)}: "

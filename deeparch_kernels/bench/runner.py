@@ -62,8 +62,14 @@ class Config:
         return list(self.dtypes or ([torch.float32, torch.float16, torch.bfloat16] if gpu else [torch.float32]))
 
     @property
-    def model_dtype(self) -> torch.dtype:
-        return self.dtypes[0] if self.dtypes else torch.float16 if self.device.type == "cuda" else torch.float32
+    def model_dtypes(self) -> List[torch.dtype]:
+        """The models' dtypes: those asked for (--dtypes), else fp16 on a GPU; on a CPU fp32, and
+        bf16 too where the CPU multiplies bf16 natively (AVX512-BF16 or AMX; env.cpu_bf16_isa)."""
+        if self.dtypes:
+            return list(self.dtypes)
+        if self.device.type == "cuda":
+            return [torch.float16]
+        return [torch.float32] + ([torch.bfloat16] if _env.cpu_runs_bf16_natively() else [])
 
 
 def run(cfg: Config) -> dict:
@@ -114,15 +120,16 @@ def run(cfg: Config) -> dict:
         cases = build_cases(cfg.shapes, dev.type, dtypes=cfg.dtypes, batches=cfg.batch,
                             memory_format=cfg.memory_format)
         conv_dtypes = list(dict.fromkeys([c.dtype for c in cases.conv] +
-                                         ([cfg.model_dtype] if cfg.models else [])))
+                                         (cfg.model_dtypes if cfg.models else [])))
         log.info("measuring the ceilings (streaming bandwidth, matmul rate)")
         ceilings = measure_ceilings(dev, conv_dtypes, timer, quick=cfg.quick)
         log.info(ceilings_text({"ceilings": ceilings}))
         # what the op timing leaves for the models' eager and fused timings (compiling whole
         # models is not reserved for: it is the first thing the budget drops)
-        reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * len(cfg.models)
+        runs = len(cfg.models) * len(cfg.model_dtypes) if cfg.models else 0
+        reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * runs
         if dev.type == "cpu" and cfg.compile and cfg.compile_models and not cfg.quick:
-            reserve += 60.0 * len(cfg.models)  # four freezing compiles (two batches, theirs and ours)
+            reserve += 60.0 * runs  # four freezing compiles (two batches, theirs and ours)
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
                      compile_=cfg.compile, compile_reserve_s=reserve)
         timings += ob.run(cases.add + cases.conv)
@@ -130,12 +137,13 @@ def run(cfg: Config) -> dict:
         if cfg.models:
             mtimer = Timer(dev, warmup=1 if dev.type == "cpu" else cfg.warmup,
                            reps=min(cfg.reps, 20), min_reps=3, max_time_s=max(cfg.max_time_s, 1.0))
-            mb = ModelBench(dev, mtimer, budget, names=cfg.models, backends=cfg.model_backends,
-                            dtype=cfg.model_dtype, batch=cfg.model_batch, image=cfg.image_size,
-                            latency=cfg.latency, compile_=cfg.compile and cfg.compile_models,
-                            seed=cfg.seed)
-            timings += mb.run()
-            notes += mb.notes
+            for dtype in cfg.model_dtypes:
+                mb = ModelBench(dev, mtimer, budget, names=cfg.models, backends=cfg.model_backends,
+                                dtype=dtype, batch=cfg.model_batch, image=cfg.image_size,
+                                latency=cfg.latency, compile_=cfg.compile and cfg.compile_models,
+                                seed=cfg.seed)
+                timings += mb.run()
+                notes += [n for n in mb.notes if n not in notes]
         if any(r["status"] == "error" for r in timings):
             failed = True
             notes.append("some timings raised errors (status 'error' rows)")
