@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
     arg("--budget", type=float, help="soft time budget in seconds for the whole run: past it, "
         "torch.compile baselines and then later cases are dropped, with a note (default 225 GPU, "
-        "330 CPU with compiled models, else 150; 60 --quick; 0: none)")
+        "330 CPU with compiled models, +180 with the bf16 models, else 150; 60 --quick; 0: none)")
     arg("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
     arg("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
@@ -180,7 +180,7 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
     reps, warmup, max_time, budget = ((10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu
                                       else (30, 2, 1.0, 330.0 if compile_models and models else 150.0))
     model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 8))
-    return Config(
+    cfg = Config(
         device=device, ops=ops, models=models, dtypes=list(dict.fromkeys(a.dtypes)) if a.dtypes else None,
         shapes=a.shapes or (["tiny"] if a.quick else ["anchors"] if gpu else ["cpu"]), batch=a.batch or None,
         memory_format=a.memory_format, verify_backends=verify_b, bench_backends=bench_b,
@@ -191,6 +191,9 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         seed=_given_or(a.seed, int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF),
         image_size=a.image_size or (64 if a.quick else 224), model_batch=model_batch,
         latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
+    if a.budget is None and not gpu and not a.quick and compile_models and models:
+        cfg.budget_s += 180.0 * (len(cfg.model_dtypes) - 1)  # each more model dtype: its compiles
+    return cfg
 
 
 def _compare(a: argparse.Namespace) -> int:
