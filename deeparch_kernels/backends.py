@@ -13,7 +13,9 @@ Backends (the same names for every op):
 
 Registered by an op for itself (``register``, like a plug-in, but placed in the op's order):
 ``winograd`` (fused_conv2d on the CPU: Winograd F(4x4, 3x3) and F(2x2, 3x3) for fp32 3x3 layers,
-ops/conv_winograd.py and csrc/cpu/winograd.cpp).
+ops/conv_winograd.py and csrc/cpu/winograd.cpp) and ``gemm`` (fused_conv2d on the CPU: fp32 1x1
+stride-1 layers as one GEMM, the epilogue before its store; ops/conv_gemm.py and
+csrc/cpu/gemm_conv.cpp).
 
 An explicit name forces that backend, and raises ``BackendUnavailable`` listing why it can't run.
 

@@ -33,7 +33,7 @@ def test_builder_matches_torchvision(name):
         assert m.max_rel_err <= 1e-4, str(r)
         if m.mode == "train":
             assert m.grad_max_rel_err is not None and m.grad_max_rel_err <= 1e-4, str(r)
-    assert r.passed and r.resolved and set(r.resolved) <= {"cpu", "winograd", "aten"}
+    assert r.passed and r.resolved and set(r.resolved) <= {"cpu", "winograd", "gemm", "aten"}
 
 
 @pytest.mark.gpu

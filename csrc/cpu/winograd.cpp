@@ -31,7 +31,7 @@
 #include "../common.h"
 
 #if DEEPARCH_WINOGRAD
-#include <immintrin.h>
+#include "avx2_gemm.h"
 #endif
 
 namespace deeparch {
@@ -40,16 +40,7 @@ namespace {
 
 #if DEEPARCH_WINOGRAD
 
-using V8 = __m256;
-constexpr int MR = 6;   // GEMM rows (tiles) per micro-kernel
-constexpr int NR = 16;  // GEMM columns (output channels) per micro-kernel: two vectors
-
-inline V8 add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
-inline V8 sub(V8 a, V8 b) { return _mm256_sub_ps(a, b); }
-inline V8 splat(float v) { return _mm256_set1_ps(v); }
-// a * b + c and c - a * b
-inline V8 fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
-inline V8 fnma(V8 a, V8 b, V8 c) { return _mm256_fnmadd_ps(a, b, c); }
+using namespace avx2;
 
 // One dimension of B^T d (input transform) and of A^T m (output transform).
 template <int M>
@@ -97,41 +88,6 @@ struct Tf<2> {
     o[1] = sub(sub(m[1], m[2]), m[3]);
   }
 };
-
-// c[r][0:16] = sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < 6 (k < kc): 12
-// accumulators, two vectors of b and one broadcast of a per row and k (the loops unroll fully, the
-// arrays live in registers: checked in the object code, no spills).
-inline void micro_6x16(const float* a, int64_t lda, const float* b, int64_t kc, float* c,
-                       int64_t ldc) {
-  V8 acc[MR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, b += NR) {
-    const V8 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const V8 t = _mm256_broadcast_ss(a + r * lda + k);
-      acc[r][0] = fma(t, b0, acc[r][0]);
-      acc[r][1] = fma(t, b1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-  }
-}
-
-// A mask of the first min(n, 8) lanes (for the channel tails).
-inline __m256i lanes_below(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-inline V8 relu_keep_nan(V8 v) {
-  const V8 zero = _mm256_setzero_ps();
-  return _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));  // NaN < 0 is false
-}
 
 // Bytes of V and M per chunk of tiles: about what stays in this machine class's L2 + L3 share,
 // and per thread when each thread takes chunks of its own (its core's L2).
@@ -209,7 +165,11 @@ inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, i
     const int64_t a = task / KB, kb = task % KB;
     const float* ub = u + (a * KB + kb) * C * NR;
     for (int64_t r = 0; r < ntp; r += MR) {
-      micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, Mb + a * ldm + r * Kp + kb * NR, Kp);
+      float* c = Mb + a * ldm + r * Kp + kb * NR;
+      micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, [c, Kp](int i, V8 lo, V8 hi) {
+        _mm256_storeu_ps(c + i * Kp, lo);
+        _mm256_storeu_ps(c + i * Kp + 8, hi);
+      });
     }
   }
 }

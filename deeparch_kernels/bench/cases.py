@@ -112,6 +112,10 @@ ANCHOR_ADD = [((32, 256, 56, 56), torch.float16), ((32, 256, 56, 56), torch.floa
               ((32, 2048, 7, 7), torch.float16)]
 # CPU: fp32, and sizes a 2-core run can time in seconds. 32x256x32x32 = 8.4M elements.
 CPU_ADD = [(32, 256, 56, 56), (32, 256, 32, 32), (32, 64, 56, 56), (32, 2048, 7, 7)]
+# ResNet-50's 1x1 layers at batch 1 (what the CPU gemm backend takes): two reductions with the
+# ReLU, two expansions with the residual, as in its bottlenecks. (C, H, stride, K, k)
+RESNET50_1X1 = {"bias_relu": [(1024, 14, 1, 256, 1), (2048, 7, 1, 512, 1)],
+                "residual": [(64, 56, 1, 256, 1), (256, 14, 1, 1024, 1)]}
 TINY_CONV = [(2, 3, 17, 15, 16, 3, 1), (2, 16, 16, 16, 16, 3, 1), (2, 16, 15, 15, 32, 3, 2)]
 TINY_ADD = [(2, 64, 28, 28), (4, 32, 15, 17)]
 
@@ -175,6 +179,8 @@ def build_cases(specs: Sequence[str], device_type: str, *, dtypes: Optional[Sequ
                     if gpu or shape[0] <= 32]
         if spec == "cpu":
             add += [AddCase(shape, dt, fmt) for shape in CPU_ADD]
+            for form, rows in RESNET50_1X1.items():
+                convs(rows, "resnet", forms=[form])
         if spec == "tiny":
             conv += [ConvCase(N, C, H, W, K, k, s, None, dt, fmt, form, "custom")
                      for N, C, H, W, K, k, s in TINY_CONV for form in ("bias_relu", "residual")]

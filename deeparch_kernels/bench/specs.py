@@ -212,7 +212,8 @@ def conv_providers(case: ConvCase, backends: Sequence[str], ops: Sequence[str],
         provs.append(Provider(b, "ours", "fused_conv2d", lambda *a, b=b: ours(*a, backend=b), backend=b))
     if "cpu" in backends and case.dtype == torch.float32 and case.memory_format == "channels_last":
         # What the fused modules run in inference: weights registered with prepack (as their
-        # folded ones are), so that oneDNN's prepacked copy and Winograd's transform are kept.
+        # folded ones are), so that oneDNN's prepacked copy, Winograd's transform and the GEMM's
+        # packed weight are kept.
         from ..ops import conv as conv_op
 
         def kept(x, w, b, r=None, *, backend):
@@ -222,10 +223,11 @@ def conv_providers(case: ConvCase, backends: Sequence[str], ops: Sequence[str],
         provs.append(Provider("cpu:prepacked", "ours", "fused_conv2d",
                               lambda *a: kept(*a, backend="cpu"), backend="cpu", keeps=True))
         probe = (torch.empty(0), torch.empty(case.K, case.C, case.k, case.k), None, None, [s, s], [p, p], True)
-        if conv_op._winograd_supports(*probe) is None:
-            provs.append(Provider("winograd", "ours", "fused_conv2d",
-                                  lambda *a: kept(*a, backend="winograd"), backend="winograd",
-                                  keeps=True))
+        for name, supports in (("winograd", conv_op._winograd_supports), ("gemm", conv_op._gemm_supports)):
+            if supports(*probe) is None:
+                provs.append(Provider(name, "ours", "fused_conv2d",
+                                      lambda *a, name=name: kept(*a, backend=name), backend=name,
+                                      keeps=True))
     return provs
 
 

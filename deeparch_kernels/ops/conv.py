@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .. import _ext, _precision, backends
 from .._conv_args import check_conv_args
 from ..testing import mismatch, unit_roundoff
-from . import conv_winograd
+from . import conv_gemm, conv_winograd
 from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, fx_proxy, int_pair, lib,
                    output_memory_format)
 from .add_relu import add_relu
@@ -238,13 +238,14 @@ class _Packed:
     optimizer step, ``load_state_dict``, ``w.mul_()``) makes them stale. Like every cache keyed on
     torch's version counters, it can't see writes through ``w.data``."""
 
-    __slots__ = ("state", "by_geometry", "winograd")
+    __slots__ = ("state", "by_geometry", "winograd", "gemm")
     MAX_GEOMETRIES = 8
 
     def __init__(self) -> None:
         self.state: Optional[tuple] = None
         self.by_geometry: dict = {}
         self.winograd: Dict[int, conv_winograd.Transformed] = {}  # by tile size
+        self.gemm: Optional[torch.Tensor] = None  # conv_gemm.pack_weight, for 1x1 weights
 
     def _fresh(self, weight: torch.Tensor) -> bool:
         """Drop what was derived from an older state of ``weight``; False if none can be kept."""
@@ -254,7 +255,7 @@ class _Packed:
             warn_unversioned_weight()
             return False
         if state != self.state:
-            self.state, self.by_geometry, self.winograd = state, {}, {}
+            self.state, self.by_geometry, self.winograd, self.gemm = state, {}, {}, None
         return True
 
     def get_winograd(self, weight: torch.Tensor, m: int) -> Optional[conv_winograd.Transformed]:
@@ -266,6 +267,15 @@ class _Packed:
             with torch.inference_mode(False), torch.no_grad():
                 t = self.winograd[m] = conv_winograd.transform_weight(weight, m)
         return t
+
+    def get_gemm(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """conv_gemm.pack_weight(weight), kept while the weight is unchanged."""
+        if not self._fresh(weight):
+            return None
+        if self.gemm is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self.gemm = conv_gemm.pack_weight(weight)
+        return self.gemm
 
     def get(self, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> Optional[torch.Tensor]:
         if not self._fresh(weight):
@@ -421,6 +431,38 @@ def _winograd(x, weight, bias, residual, stride, padding, relu):
     return _cpu(x, weight, bias, residual, stride, padding, relu)
 
 
+def _gemm_supports(x, weight, bias, residual, stride, padding, relu):
+    """Why the ``gemm`` backend can't run these inputs."""
+    if x.device.type != "cpu":
+        return f"the 'gemm' backend runs CPU tensors, got {x.device.type} tensors"
+    if x.dtype != torch.float32:
+        return f"dtype {x.dtype}: the 'gemm' backend runs float32"
+    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
+        return "the 'gemm' backend runs 1x1 convolutions with stride 1 and padding 0"
+    return _ext.winograd_reason()  # the same AVX2/FMA build; what it can't run goes to cpu
+
+
+def _gemm_weight(x, weight, bias, residual) -> Optional[torch.Tensor]:
+    """``weight`` packed for the 1x1 GEMM when the kernel may run these inputs (eager, a
+    ``prepack``-ed weight, fp32, channels_last output, no gradient needed); else None."""
+    entry = _prepacked_inference(x, weight, bias, residual)
+    if entry is None or x.dtype != torch.float32:
+        return None
+    return entry.get_gemm(weight)
+
+
+def _gemm(x, weight, bias, residual, stride, padding, relu):
+    """The ``gemm`` backend (CPU, fp32, 1x1, stride 1, padding 0): for a prepacked weight
+    (``prepack``), channels_last output and no gradient needed, the convolution as one GEMM with
+    bias, residual and ReLU applied before its one store (ops/conv_gemm.py,
+    csrc/cpu/gemm_conv.cpp); everything else as the ``cpu`` backend."""
+    if not torch.compiler.is_compiling():
+        u = _gemm_weight(x, weight, bias, residual)
+        if u is not None:
+            return conv_gemm.conv1x1(x, u, weight.shape[0], bias, residual, relu)
+    return _cpu(x, weight, bias, residual, stride, padding, relu)
+
+
 def _auto_impl(x, weight, bias, residual, stride, padding, relu):
     """deeparch::fused_conv2d_auto when it runs: the eager ``auto`` dispatch on real tensors."""
     return _dispatch(x, weight, bias, residual, stride, padding, relu, "auto", None)
@@ -448,13 +490,16 @@ backends.register(OP, "cutlass", torch.ops.deeparch.fused_conv2d_cutlass.default
 backends.register(OP, "aten", _aten)
 backends.register(OP, "reference", _reference)
 backends.register(OP, "winograd", _winograd, _winograd_supports, devices=("cpu",))
+backends.register(OP, "gemm", _gemm, _gemm_supports, devices=("cpu",))
 if HAS_TRITON:
     backends.register(OP, "triton", torch.ops.deeparch.fused_conv2d_triton.default, _kernel_supports)
 # On the CPU "cpu" runs oneDNN on prepacked weights for the fused modules (1.05-1.6x F.conv2d
 # on ResNet's batch-1 layers, ~1.0-1.2x at batch 8, measured here): first when nothing is timed.
 # "winograd" is 0.75-2.5x "cpu" on ResNet's and VGG's 3x3 stride-1 layers (2-core AVX-512 EPYC,
-# batch 1; slower only on the smallest, 512@7x7): second, and taken where timing says so.
-backends.set_auto_order(OP, "cpu", ("cpu", "winograd", "aten"))
+# batch 1; slower only on the smallest, 512@7x7): second, and taken where timing says so; so is
+# "gemm" on the 1x1 layers (0.98-1.3x "cpu" on ResNet-50's at batch 1, caches warm; in the model,
+# where the weights come from memory, ResNet-50 at batch 1 went from ~1.0x to 1.06x torch.compile).
+backends.set_auto_order(OP, "cpu", ("cpu", "winograd", "gemm", "aten"))
 
 
 # --------------------------------------------------------------------------- the public function
@@ -523,7 +568,9 @@ def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
         if _inductor_packs_cpu_convs(x, weight, bias, residual):
             if _winograd_supports(*args) is None:
                 # a layer winograd may run: auto chooses when it runs (winograd, or oneDNN on the
-                # weight it prepacks, as inductor would), keeping what it derives from the weight
+                # weight it prepacks, as inductor would), keeping what it derives from the weight.
+                # (Not the 1x1 layers gemm may run: recorded so, ResNet-50 at batch 1 measured
+                # 1.02x torch.compile against 1.08x as inductor's, in place, convolutions.)
                 return torch.ops.deeparch.fused_conv2d_frozen(*args)
             # torch.compile with freezing prepacks stock convolutions for oneDNN: give it one,
             # with the residual as a stock add (which it fuses into the convolution as oneDNN's
@@ -625,6 +672,7 @@ def bind(x, weight, bias, residual, stride, padding, relu, backend) -> Optional[
     fn, s, p = hit
     packed = _prepacked_weight(x, weight, bias, residual, s, p) if fn is _cpu else None
     wino = _winograd_weight(x, weight, bias, residual) if fn is _winograd else None
+    gemm = _gemm_weight(x, weight, bias, residual) if fn is _gemm else None
     if packed is not None:
         def run(x, r):
             return _run_prepacked(x, packed, bias, r, s, p, relu)
@@ -632,6 +680,11 @@ def bind(x, weight, bias, residual, stride, padding, relu, backend) -> Optional[
         def run(x, r):
             y = conv_winograd.conv3x3(x, wino, bias, r, relu)
             return y if y is not None else _cpu(x, weight, bias, r, s, p, relu)
+    elif gemm is not None:
+        k = weight.shape[0]
+
+        def run(x, r):
+            return conv_gemm.conv1x1(x, gemm, k, bias, r, relu)
     else:
         def run(x, r):
             return fn(x, weight, bias, r, s, p, relu)
