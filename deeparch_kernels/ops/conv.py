@@ -405,13 +405,17 @@ def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
     return _ext.winograd_reason()  # what it can't run itself goes to the cpu backend
 
 
-def _winograd_weight(x, weight, bias, residual) -> Optional[conv_winograd.Transformed]:
-    """``weight``'s Winograd transform for x's shape when the kernel may run these inputs (eager,
-    a ``prepack``-ed weight, fp32, channels_last output, no gradient needed); else None."""
+def _fp32_entry(x, weight, bias, residual) -> Optional[_Packed]:
+    """``weight``'s _Packed when our own fp32 CPU kernels (winograd, gemm) may run these inputs
+    (eager, a ``prepack``-ed weight, fp32, channels_last output, no gradient needed); else None."""
     entry = _prepacked_inference(x, weight, bias, residual)
-    if entry is None or x.dtype != torch.float32:
-        return None
-    return entry.get_winograd(weight, conv_winograd.tile(x.shape))
+    return entry if entry is not None and x.dtype == torch.float32 else None
+
+
+def _winograd_weight(x, weight, bias, residual) -> Optional[conv_winograd.Transformed]:
+    """``weight``'s Winograd transform for x's shape when the kernel may run these inputs."""
+    entry = _fp32_entry(x, weight, bias, residual)
+    return None if entry is None else entry.get_winograd(weight, conv_winograd.tile(x.shape))
 
 
 def _winograd(x, weight, bias, residual, stride, padding, relu):
@@ -443,12 +447,9 @@ def _gemm_supports(x, weight, bias, residual, stride, padding, relu):
 
 
 def _gemm_weight(x, weight, bias, residual) -> Optional[torch.Tensor]:
-    """``weight`` packed for the 1x1 GEMM when the kernel may run these inputs (eager, a
-    ``prepack``-ed weight, fp32, channels_last output, no gradient needed); else None."""
-    entry = _prepacked_inference(x, weight, bias, residual)
-    if entry is None or x.dtype != torch.float32:
-        return None
-    return entry.get_gemm(weight)
+    """``weight`` packed for the 1x1 GEMM when the kernel may run these inputs."""
+    entry = _fp32_entry(x, weight, bias, residual)
+    return None if entry is None else entry.get_gemm(weight)
 
 
 def _gemm(x, weight, bias, residual, stride, padding, relu):
