@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
     arg("--budget", type=float, help="soft time budget in seconds for the whole run: past it, "
         "torch.compile baselines and then later cases are dropped, with a note (default 225 GPU, "
-        "330 CPU with compiled models, +180 with the bf16 models, else 150; 60 --quick; 0: none)")
+        "330 CPU with compiled models, +216 with the bf16 ones, else 150; 60 --quick; 0: none)")
     arg("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
     arg("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
@@ -138,7 +138,7 @@ def parse_config(argv: Optional[Sequence[str]] = None):
 def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[str]):
     from .backends import available_backends
     from .bench.env import device_from_arg
-    from .bench.runner import Config
+    from .bench.runner import Config, model_reserve_s
 
     try:
         device = device_from_arg(a.device)
@@ -192,7 +192,8 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         image_size=a.image_size or (64 if a.quick else 224), model_batch=model_batch,
         latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
     if a.budget is None and not gpu and not a.quick and compile_models and models:
-        cfg.budget_s += 180.0 * (len(cfg.model_dtypes) - 1)  # each more model dtype: its compiles
+        n = len(cfg.model_dtypes)  # each model dtype past the first: its reserve on top
+        cfg.budget_s += model_reserve_s(cfg) * (n - 1) / n
     return cfg
 
 

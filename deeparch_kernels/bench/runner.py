@@ -72,6 +72,18 @@ class Config:
         return [torch.float32] + ([torch.bfloat16] if _env.cpu_runs_bf16_natively() else [])
 
 
+def model_reserve_s(cfg: Config) -> float:
+    """Seconds the op timing leaves for the model section: per model and dtype its eager rows
+    and, on a CPU, four freezing compiles (two batches, theirs and ours)."""
+    if not cfg.models:
+        return 0.0
+    cpu = cfg.device.type == "cpu"
+    per = 8.0 if cfg.quick else 12.0 if cpu else 10.0
+    if cpu and cfg.compile and cfg.compile_models and not cfg.quick:
+        per += 60.0
+    return per * len(cfg.models) * len(cfg.model_dtypes)
+
+
 def run(cfg: Config) -> dict:
     """Run everything ``cfg`` asks for; returns the result dict (see schema.py). Progress goes
     to the "deeparch_kernels.bench" logger."""
@@ -126,10 +138,7 @@ def run(cfg: Config) -> dict:
         log.info(ceilings_text({"ceilings": ceilings}))
         # what the op timing leaves for the models' eager and fused timings (compiling whole
         # models is not reserved for: it is the first thing the budget drops)
-        runs = len(cfg.models) * len(cfg.model_dtypes) if cfg.models else 0
-        reserve = (8.0 if cfg.quick else 12.0 if dev.type == "cpu" else 10.0) * runs
-        if dev.type == "cpu" and cfg.compile and cfg.compile_models and not cfg.quick:
-            reserve += 60.0 * runs  # four freezing compiles (two batches, theirs and ours)
+        reserve = model_reserve_s(cfg)
         ob = OpBench(dev, timer, ceilings, budget, backends=cfg.bench_backends, ops=cfg.ops,
                      compile_=cfg.compile, compile_reserve_s=reserve)
         timings += ob.run(cases.add + cases.conv)
