@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--max-time", type=float, help="stop adding repetitions after this many seconds per provider")
     arg("--budget", type=float, help="soft time budget in seconds for the whole run: past it, "
         "torch.compile baselines and then later cases are dropped, with a note (default 225 GPU, "
-        "330 CPU with compiled models, +216 with the bf16 ones, else 150; 60 --quick; 0: none)")
+        "370 CPU with compiled models, +216 with the bf16 ones, else 150; 60 --quick; 0: none)")
     arg("--seed", type=int, help="random seed (default: fresh each run; printed and stored)")
     arg("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = p.add_subparsers(dest="command", title="subcommands (the main job when none is given)")
@@ -178,7 +178,7 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
     compile_models = compile_ and not a.no_compile_models
 
     reps, warmup, max_time, budget = ((10, 1, 0.2, 60.0) if a.quick else (50, 5, 1.0, 225.0) if gpu
-                                      else (30, 2, 1.0, 330.0 if compile_models and models else 150.0))
+                                      else (30, 2, 1.0, 370.0 if compile_models and models else 150.0))
     model_batch = a.model_batch or (max(a.batch) if a.batch else (8 if gpu else 2) if a.quick else (64 if gpu else 8))
     cfg = Config(
         device=device, ops=ops, models=models, dtypes=list(dict.fromkeys(a.dtypes)) if a.dtypes else None,
