@@ -42,7 +42,7 @@ def load() -> None:
     _state["info"] = info
     reason = stale_reason(info)
     if reason is None:
-        _state.update(loaded=True, cuda=bool(info["cuda"]), reason="")
+        _state.update(loaded=True, cuda=bool(info["cuda"]), reason="", same_bits=mod.same_bits)
     else:
         _state["reason"] = reason
         log.warning(reason)
@@ -64,6 +64,13 @@ def cpu_reason() -> str | None:
     """Why the C++ CPU kernels can't run, or None when they can."""
     load()
     return None if _state["loaded"] else _state["reason"]
+
+
+def same_bits():
+    """The extension's ``same_bits(a, b)`` (csrc/module.cpp: two tuples, pairwise both None or
+    CPU tensors with equal bytes), or None when the extension is not loaded."""
+    load()
+    return _state["same_bits"] if _state["loaded"] else None
 
 
 def winograd_reason() -> str | None:

@@ -136,6 +136,38 @@ def test_fold_sees_each_batchnorm_input_on_its_own(what):
         assert list(fused._fold_cache.keys()) == keys  # refolded, not dropped
 
 
+def test_fold_value_check_compares_bytes_in_one_call():
+    """The CPU fold check's C++ comparison (csrc/module.cpp same_bits, via nn/folding.py
+    _same_values): pairwise None and None or equal bytes; a dtype, shape, device or layout that
+    differs, a non-contiguous tensor, -0 against +0 all say "changed" (a refold, never a stale
+    fold); equal NaN bytes say "same" (the fold made from them stands); non-tensors raise."""
+    from deeparch_kernels import _ext
+
+    same = _ext.same_bits()
+    if same is None:
+        pytest.skip("C++ extension not built")
+    a = torch.tensor([1.0, float("nan"), -2.0])
+    assert same((a, None), (a.clone(), None)) and same((), ())
+    assert not same((a,), (None,)) and not same((None,), (a,)) and not same((a,), (a, a))
+    assert not same((a,), (a.double(),)) and not same((a,), (a[:2].clone(),))
+    assert not same((a,), (torch.tensor([1.0, float("nan"), 2.0]),))
+    assert not same((torch.tensor([0.0]),), (torch.tensor([-0.0]),))
+    b = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert not same((b.t().contiguous(),), (b.t(),))  # same values, not contiguous
+    with pytest.raises(TypeError):
+        same((1.0,), (1.0,))
+    x = _x(1, 5, 6, 6, seed=1)  # and through a module: a NaN running_var keeps its fold
+    seq = nn.Sequential(nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6)).eval()
+    seq[1].running_var[2] = float("nan")
+    fused = FusedSequential.from_sequential(copy.deepcopy(seq))
+    with torch.no_grad():
+        out = fused(x)
+        fold = next(iter(fused._fold_cache._folds.values()))
+        out2 = fused(x)
+    assert next(iter(fused._fold_cache._folds.values())) is fold
+    assert torch.equal(out.isnan(), seq(x).isnan()) and torch.equal(out2.isnan(), out.isnan())
+
+
 def test_fold_sees_conv_weight_updates():
     """conv.weight changed in place under no_grad, by an optimizer, by torch's EMA
     (AveragedModel), or replaced (``.data =``, a new Parameter): all seen at the next call."""

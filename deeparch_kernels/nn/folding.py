@@ -27,8 +27,9 @@ parametrizations (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...) a
                         change).
   eager                 the fold (``conv.weight * scale`` and the shift) is cached (FoldCache).
                         On the CPU the cache is valid while conv.weight is the same tensor object,
-                        storage and version and BatchNorm's tensors, eps and conv.bias equal, by
-                        value, copies kept with the fold (a few K-sized comparisons a call): so
+                        storage and version and BatchNorm's tensors, eps and conv.bias equal, byte
+                        for byte, copies kept with the fold (one C++ call comparing a few K-sized
+                        buffers; torch.equal where the extension is not built): so
                         running-statistic updates in train mode (which bump no version counter),
                         in-place and ``.data`` edits of BatchNorm's parameters and buffers, and
                         in-place updates of conv.weight are all seen. On CUDA a value check would
@@ -61,6 +62,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .. import _ext
 from ..ops import bn_fold as _bn_fold
 from ..ops.conv import BoundConv, prepack, warn_unversioned_weight
 from ._torchscript import NoTorchScript, refuse_jit_trace
@@ -154,9 +156,14 @@ def _snapshot(tensors: Sequence[Optional[Tensor]], eps: float) -> tuple:
 
 
 def _same_values(snapshot: tuple, tensors: Sequence[Optional[Tensor]], eps: float) -> bool:
-    """``tensors`` and ``eps`` equal, by value, what ``snapshot`` copied (NaN never equals)."""
+    """``tensors`` and ``eps`` equal what ``snapshot`` copied: byte for byte in one C++ call
+    (csrc/module.cpp same_bits) where the extension is built, else by torch.equal (where NaN
+    never equals: a refold, never a stale fold)."""
     if snapshot[0] != eps:
         return False
+    same_bits = _ext.same_bits()
+    if same_bits is not None:
+        return same_bits(snapshot[1:], tuple(tensors))
     for s, t in zip(snapshot[1:], tensors):
         if s is None or t is None:
             if s is not t:
@@ -172,8 +179,8 @@ class FoldCache:
 
       CPU    valid while ``conv.weight`` is the same tensor (object, storage, layout, version
              counter) and BatchNorm's running_mean, running_var, weight, bias and eps and
-             conv.bias equal, by value, those the fold was made from (compared with copies kept
-             with it: a few K-sized comparisons per call, no fold arithmetic)
+             conv.bias equal, byte for byte, those the fold was made from (compared with copies
+             kept with it in one C++ call, no fold arithmetic)
       other  (CUDA...) valid while conv.weight, conv.bias and bn's weight, bias, running_mean,
              running_var and num_batches_tracked are the same tensors with the same version
              counters: no value is read, so nothing waits for the device
