@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -137,3 +137,16 @@ def check_inplace_overlap(op: str, out: torch.Tensor, other: torch.Tensor) -> No
         return
     if a0 < b1 and b0 < a1:
         raise RuntimeError(f"{op}: {_OVERLAP_MSG}")
+
+
+def cpu_kernel_inputs(x: torch.Tensor, residual: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """(x, residual, bias) in the layouts our C++ CPU conv kernels (winograd, gemm) take:
+    channels_last x and residual, a contiguous bias; each copied only where it is not so already."""
+    cl = torch.channels_last
+    if not x.is_contiguous(memory_format=cl):
+        x = x.contiguous(memory_format=cl)
+    if residual is not None and not residual.is_contiguous(memory_format=cl):
+        residual = residual.contiguous(memory_format=cl)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    return x, residual, bias

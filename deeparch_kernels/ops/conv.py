@@ -392,17 +392,25 @@ def _cpu(x, weight, bias, residual, stride, padding, relu):
     return torch.ops.deeparch.fused_conv2d.default(x, weight, bias, residual, stride, padding, relu)
 
 
-def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
-    """Why the ``winograd`` backend can't run these inputs."""
+def _own_cpu_kernel_reason(name, x, weight, stride, padding, k, min_channels=0) -> Optional[str]:
+    """Why our own fp32 CPU kernel ``name`` (winograd: k = 3, gemm: k = 1; stride 1, padding
+    k // 2, an AVX2/FMA build) can't run these inputs; what it can't run goes to the cpu backend."""
     if x.device.type != "cpu":
-        return f"the 'winograd' backend runs CPU tensors, got {x.device.type} tensors"
+        return f"the '{name}' backend runs CPU tensors, got {x.device.type} tensors"
     if x.dtype != torch.float32:
-        return f"dtype {x.dtype}: the 'winograd' backend runs float32"
-    if tuple(weight.shape[2:]) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
-        return "the 'winograd' backend runs 3x3 convolutions with stride 1 and padding 1"
-    if weight.shape[1] < 16:  # measured: slower there
-        return f"{weight.shape[1]} input channels: the 'winograd' backend runs 16 or more"
-    return _ext.winograd_reason()  # what it can't run itself goes to the cpu backend
+        return f"dtype {x.dtype}: the '{name}' backend runs float32"
+    p = k // 2
+    if tuple(weight.shape[2:]) != (k, k) or tuple(stride) != (1, 1) or tuple(padding) != (p, p):
+        return f"the '{name}' backend runs {k}x{k} convolutions with stride 1 and padding {p}"
+    if weight.shape[1] < min_channels:
+        return f"{weight.shape[1]} input channels: the '{name}' backend runs {min_channels} or more"
+    return _ext.winograd_reason()
+
+
+def _winograd_supports(x, weight, bias, residual, stride, padding, relu):
+    """Why the ``winograd`` backend can't run these inputs (16+ input channels: measured slower
+    below)."""
+    return _own_cpu_kernel_reason("winograd", x, weight, stride, padding, 3, min_channels=16)
 
 
 def _fp32_entry(x, weight, bias, residual) -> Optional[_Packed]:
@@ -437,13 +445,7 @@ def _winograd(x, weight, bias, residual, stride, padding, relu):
 
 def _gemm_supports(x, weight, bias, residual, stride, padding, relu):
     """Why the ``gemm`` backend can't run these inputs."""
-    if x.device.type != "cpu":
-        return f"the 'gemm' backend runs CPU tensors, got {x.device.type} tensors"
-    if x.dtype != torch.float32:
-        return f"dtype {x.dtype}: the 'gemm' backend runs float32"
-    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
-        return "the 'gemm' backend runs 1x1 convolutions with stride 1 and padding 0"
-    return _ext.winograd_reason()  # the same AVX2/FMA build; what it can't run goes to cpu
+    return _own_cpu_kernel_reason("gemm", x, weight, stride, padding, 1)
 
 
 def _gemm_weight(x, weight, bias, residual) -> Optional[torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._lib import lib
+from ._lib import cpu_kernel_inputs, lib
 
 lib.define("conv1x1_gemm(Tensor x, Tensor u, Tensor? bias, Tensor? residual, int k, bool relu) -> Tensor")
 
@@ -36,10 +36,5 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def conv1x1(x: torch.Tensor, u: torch.Tensor, out_channels: int, bias: Optional[torch.Tensor],
             residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """relu?(conv2d(x, w, bias) + residual) for a 1x1 stride-1 fp32 w packed as u = pack_weight(w)."""
-    cl = torch.channels_last
-    x = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
-    if residual is not None and not residual.is_contiguous(memory_format=cl):
-        residual = residual.contiguous(memory_format=cl)
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    x, residual, bias = cpu_kernel_inputs(x, residual, bias)
     return torch.ops.deeparch.conv1x1_gemm.default(x, u, bias, residual, out_channels, relu)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._lib import lib
+from ._lib import cpu_kernel_inputs, lib
 
 lib.define("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, int k, bool relu, "
            "int tile, float bound) -> (Tensor, bool)")
@@ -86,12 +86,7 @@ def conv3x3(x: torch.Tensor, t: Transformed, bias: Optional[torch.Tensor],
     channels_last; None when x is not finite or too large (see above): run the direct one."""
     if t.bound == float("inf"):
         return None
-    cl = torch.channels_last
-    x = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
-    if residual is not None and not residual.is_contiguous(memory_format=cl):
-        residual = residual.contiguous(memory_format=cl)
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    x, residual, bias = cpu_kernel_inputs(x, residual, bias)
     y, ok = torch.ops.deeparch.winograd_conv3x3.default(x, t.u, bias, residual, t.out_channels, relu,
                                                         t.tile, t.bound)
     return y if ok else None
