@@ -12,6 +12,7 @@ Layers, each calling only the one below:
   bench     deeparch_kernels.bench + the CLI (deeparch-bench / python -m deeparch_kernels)
 """
 from .backends import BACKENDS, Availability, BackendUnavailable, available_backends
+from .cpu_memory import keep_freed_memory
 from .ops import add_relu, add_relu_, fused_conv2d
 
 from . import models, nn  # noqa: E402  (modules build on the ops above)
@@ -31,6 +32,7 @@ __all__ = [
     "available_backends",
     "fuse",
     "fused_conv2d",
+    "keep_freed_memory",
     "models",
     "nn",
     "set_backend",

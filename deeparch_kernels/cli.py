@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--no-compile-models", action="store_true",
         help="skip torch.compile of whole models (on a CPU it runs with inductor's freezing; seconds each)")
     arg("--compile-models", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts pass it
+    arg("--system-malloc", action="store_true",
+        help="on a CPU, leave malloc as it is (default: deeparch_kernels.keep_freed_memory() first, "
+             "for every provider: freed blocks are reused, not page-faulted in again)")
     arg("--no-latency", action="store_true", help="skip the batch-1 model latency rows")
     arg("--out", default="deeparch-results", help="directory for the JSON, markdown and plots "
         "(default ./deeparch-results)")
@@ -190,7 +193,7 @@ def _config(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: List[s
         max_time_s=_given_or(a.max_time, max_time), budget_s=_given_or(a.budget, budget),
         seed=_given_or(a.seed, int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF),
         image_size=a.image_size or (64 if a.quick else 224), model_batch=model_batch,
-        latency=not a.no_latency, progress=not a.quiet, argv=argv, notes=notes)
+        latency=not a.no_latency, keep_freed_memory=not gpu and not a.system_malloc, progress=not a.quiet, argv=argv, notes=notes)
     if a.budget is None and not gpu and not a.quick and compile_models and models:
         n = len(cfg.model_dtypes)  # each model dtype past the first: its reserve on top
         cfg.budget_s += model_reserve_s(cfg) * (n - 1) / n

@@ -90,7 +90,7 @@ def quick_run(tmp_path_factory):
     # explicit backends: the Triton interpreter (TRITON_INTERPRET=1 in the tests) costs seconds
     rc = cli.main(["--device", "cpu", "--quick", "--no-compile", "--models", "resnet18", "--image-size", "32",
                    "--model-batch", "1", "--backends", "cpu,reference", "--reps", "3", "--max-time", "0.02",
-                   "--out", str(out), "--seed", "11", "-q", "--no-plots"])
+                   "--out", str(out), "--seed", "11", "-q", "--no-plots", "--system-malloc"])
     return rc, out
 
 
@@ -102,6 +102,7 @@ def test_quick_run_writes_valid_results(quick_run, capsys):
     data = json.loads(jpath.read_text())
     assert schema.validate(data) == []
     assert data["env"]["device_type"] == "cpu" and data["env"]["git"]["commit"]
+    assert "malloc_kept_bytes" in data["env"]
     assert data["verification"]["seed"] == 11 and data["verification"]["summary"]["fail"] == 0
     assert {c["op"] for c in data["verification"]["results"]} == {"add_relu", "add_relu_", "fused_conv2d", "model"}
     ops = {r["op"] for r in data["timings"]}
@@ -188,3 +189,24 @@ def test_cpu_models_run_bf16_too_where_the_cpu_multiplies_it_natively(monkeypatc
     assert e["cpu_bf16_isa"] in (None, "avx512_bf16", "amx_bf16")
     head = report.header_text({"env": e, "created": "now"})
     assert f"native bf16: {e['cpu_bf16_isa'] or 'none'}" in head
+
+
+def test_cpu_runs_keep_freed_memory_unless_system_malloc(monkeypatch):
+    """On a CPU the main job first has glibc keep freed memory (deeparch_kernels.keep_freed_memory,
+    for every provider), says so in its notes and header; --system-malloc leaves malloc alone."""
+    import deeparch_kernels as dk
+    from deeparch_kernels.bench import report
+    from deeparch_kernels.bench.runner import run
+
+    assert cli.parse_config(["--device", "cpu"]).keep_freed_memory
+    assert not cli.parse_config(["--device", "cpu", "--system-malloc"]).keep_freed_memory
+    calls = []
+    monkeypatch.setattr(dk, "keep_freed_memory", lambda: calls.append(1) or True)
+    argv = ["--device", "cpu", "--ops", "none", "--models", "none", "--no-verify", "--no-save", "-q"]
+    for extra, kept in (([], True), (["--system-malloc"], False)):
+        calls.clear()
+        result = run(cli.parse_config(argv + extra))
+        assert calls == ([1] if kept else [])
+        assert any("keeps up to 1024 MiB of freed memory" in n for n in result["notes"]) == kept
+    assert report._malloc({"malloc_kept_bytes": 1 << 30}) == "malloc keeps 1024 MiB freed"
+    assert report._malloc({"malloc_kept_bytes": None}) == "system malloc"

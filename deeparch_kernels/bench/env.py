@@ -111,6 +111,7 @@ def cpu_runs_bf16_natively() -> bool:
 def environment(device: torch.device) -> Dict[str, Any]:
     """The ``env`` block of a result file."""
     from .. import __version__, _ext
+    from ..cpu_memory import kept_freed_memory
 
     ext = _ext.build_info()
     env: Dict[str, Any] = dict(
@@ -128,6 +129,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         env["onednn_bf16"] = bool(torch.backends.mkldnn.is_available()
                                   and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         env["cpu_bf16_isa"] = cpu_bf16_isa()
+        env["malloc_kept_bytes"] = kept_freed_memory()  # None: malloc as the system set it
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["gpu"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,

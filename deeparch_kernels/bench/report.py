@@ -156,12 +156,17 @@ def ceilings_text(result: dict) -> str:
     return "measured ceilings: " + "; ".join(parts)
 
 
+def _malloc(env: dict) -> str:
+    kept = env.get("malloc_kept_bytes")
+    return "system malloc" if not kept else f"malloc keeps {kept >> 20} MiB freed"
+
+
 def header_text(result: dict) -> str:
     e, git = result["env"], result["env"].get("git") or {}
     commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
     isa = (f" [{e['cpu_capability']}, oneDNN bf16 {'yes' if e.get('onednn_bf16') else 'no'}"
            f" (native bf16: {e.get('cpu_bf16_isa') or 'none'}), "
-           f"{e.get('cpu_threads')} threads]" if e.get("cpu_capability") else "")
+           f"{e.get('cpu_threads')} threads, {_malloc(e)}]" if e.get("cpu_capability") else "")
     return (f"deeparch-bench on {e['device']} ({e['device_name']}){isa}, torch {e['torch']}, triton {e.get('triton')}, "
             f"cuda {e.get('cuda')}, cudnn {e.get('cudnn')}, commit {commit}, {result['created']}")
 

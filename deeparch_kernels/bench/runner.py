@@ -47,6 +47,7 @@ class Config:
     image_size: int = 224
     model_batch: int = 64
     latency: bool = True
+    keep_freed_memory: bool = False  # on the CPU: deeparch_kernels.keep_freed_memory() first
     progress: bool = True  # progress lines (logging, INFO) on stderr: the CLI's -q turns them off
     argv: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
@@ -98,6 +99,13 @@ def run(cfg: Config) -> dict:
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # as the anchor table was measured
         notes.append("torch.backends.cudnn.benchmark = True (as the anchor table)")
+    if dev.type == "cpu" and cfg.keep_freed_memory:
+        if dk.keep_freed_memory():
+            notes.append(f"glibc malloc keeps up to {dk.cpu_memory.DEFAULT_LIMIT >> 20} MiB of freed memory for "
+                         "reuse, for every provider (deeparch_kernels.keep_freed_memory: eager models "
+                         "then take no page faults; --system-malloc measures without)")
+        else:
+            notes.append("keep_freed_memory: the C library is not glibc; its malloc runs as it is")
     avail = {n: {"available": a.available, "reason": a.reason} for n, a in dk.available_backends(dev).items()}
     load_start = _loadavg()
 
