@@ -3,7 +3,9 @@ against float64 on odd sizes and channel counts (the kernel's vector tails), vie
 residual layouts; NaN and Inf exactly as torch gives them (the direct convolution
 runs such inputs); its transformed weight kept while the weight is unchanged and remade after an
 in-place write; what it refuses, with the reason; ``auto`` verifies it like every backend."""
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -252,6 +254,14 @@ def test_compile_with_freezing_runs_the_remembered_winograd(gen, monkeypatch, tm
         out = compiled(x)
         assert calls  # the compiled graph ran Winograd
         assert rel_err(out, model.double()(x.double())) <= TOL
+        # the frozen op's later calls run the call bound on its first, not the full dispatch
+        dispatched, calls[:] = [], []
+        real_choose = backends.choose
+        monkeypatch.setattr(backends, "choose", lambda *a: dispatched.append(1) or real_choose(*a))
+        assert torch.equal(compiled(x), out) and calls and not dispatched
+        other = randn(3, 16, 9, 8, gen=gen).contiguous(memory_format=CL)  # another shape: dispatched
+        assert rel_err(compiled(other), model.double()(other.double())) <= TOL and dispatched
+        model.float()
         model.float()
         out_nan, want_nan = compiled(xn), model(xn)
     assert torch.equal(out_nan.isnan(), want_nan.isnan()) and bool(want_nan.isnan().any())
@@ -307,3 +317,22 @@ def test_kernel_refuses_a_wrong_transform_with_a_message(gen):
         conv_winograd.conv3x3(x, t._replace(tile=2), b, None, True)
     with pytest.raises(RuntimeError, match="bias must be"):
         conv_winograd.conv3x3(x, t, torch.ones(3), None, True)
+
+
+def test_frozen_op_rebinds_for_another_bias_input_or_weight_write(gen):
+    """fused_conv2d_frozen runs its call bound on the first only for the same bias tensor and
+    inputs like the first's, and while the weight is unchanged: another bias, another input
+    shape or an in-place write of the weight each give torch's result."""
+    x, w, b = _case(gen, 1, 16, 10, 10, 24)
+    b2 = randn(24, gen=gen)
+    op = torch.ops.deeparch.fused_conv2d_frozen
+    with torch.no_grad():
+        for xx, bb in ((x, b), (x, b), (x, b2), (x[:, :, :7], b2), (x, b2)):
+            xx = xx.contiguous(memory_format=CL)
+            assert rel_err(op(xx, w, bb, None, [1, 1], [1, 1], True), _ref(xx, w, bb, None, True)) <= TOL
+        w.mul_(-1.5)
+        assert rel_err(op(x, w, b2, None, [1, 1], [1, 1], True), _ref(x, w, b2, None, True)) <= TOL
+    alive = weakref.ref(w)  # the bound call kept with the weight's derived copies does not keep it
+    del w
+    gc.collect()
+    assert alive() is None
