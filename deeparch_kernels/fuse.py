@@ -15,6 +15,9 @@ forward, so they are only walked into). Patterns:
                                           in eval mode and as torch's modules in training
   BasicBlock, Bottleneck (torchvision)    FusedBasicBlock / FusedBottleneck
   ResNet (torchvision)                    FusedResNet (the stem conv + BN + ReLU fused)
+  nn.Sequential  Linear -> ReLU           the ReLU becomes an ExactReLU (nn/relu.py: the same in
+                                          eager; under torch.compile inductor can't fold it into
+                                          oneDNN's linear, whose ReLU post-op turns NaN into 0)
 
 BatchNorm is never folded away: it is folded at run time in eval mode and runs as itself in
 training, so a fused model can switch between ``train()`` and ``eval()`` (and still loads
@@ -52,6 +55,7 @@ from .nn.common import (check_backend_name, conv_relu_blocker, has_hooks, is_pla
                         unsupported_reason)
 from .nn.conv import FusedConvReLU2d
 from .nn.folding import conv_bn_pair
+from .nn.relu import exact_relus_after_linears
 from .nn.sequential import FusedSequential, bn_run
 from .models.resnet import FusedResNet
 
@@ -187,6 +191,8 @@ def _fuse_sequential(seq: nn.Sequential, path: str, ctx: _Ctx) -> nn.Module:
         else:
             ctx.skipped(p, m, "no ReLU or BatchNorm2d after it in its nn.Sequential: nothing to fuse")
             i += 1
+    for name in exact_relus_after_linears(seq):
+        ctx.fused(_join(path, name), "Linear -> ReLU", "ExactReLU (NaN kept under torch.compile)")
     if isinstance(seq, FusedSequential):
         seq.backend = ctx.backend
         return seq

@@ -11,7 +11,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from deeparch_kernels.fuse import FuseReport, fuse
 from deeparch_kernels.models import FusedResNet
-from deeparch_kernels.nn import (FusedBasicBlock, FusedBottleneck, FusedConvReLU2d, FusedSequential,
+from deeparch_kernels.nn import (ExactReLU, FusedBasicBlock, FusedBottleneck, FusedConvReLU2d, FusedSequential,
                                  get_backends)
 from deeparch_kernels.verify import randomize_batchnorm, verify
 from helpers import rel_err
@@ -44,8 +44,11 @@ def test_fuse_torchvision_model(name, mode):
         assert len(report.fused) == 1 + 8  # the stem and eight blocks
     else:
         assert isinstance(fused.features, FusedSequential)
-        assert len(report.fused) == 13  # thirteen Conv2d -> BN -> ReLU
-        assert all(f.pattern == "Conv2d -> BatchNorm2d -> ReLU" for f in report.fused)
+        assert len(report.fused) == 13 + 2  # thirteen Conv2d -> BN -> ReLU, two Linear -> ReLU
+        assert all(f.pattern == "Conv2d -> BatchNorm2d -> ReLU" for f in report.fused[:13])
+        assert [(f.path, f.pattern) for f in report.fused[13:]] == [("classifier.1", "Linear -> ReLU"),
+                                                                    ("classifier.4", "Linear -> ReLU")]
+        assert all(isinstance(fused.classifier[i], ExactReLU) for i in (1, 4))
     r = verify(fused, ref, _x(2, 3, 32, 32), modes=(mode,), tol=TOL)
     assert r.passed, str(r)
     if mode == "train":
@@ -195,7 +198,7 @@ def test_fuse_is_idempotent_and_sets_backend():
 def test_fuse_vgg_without_bn():
     ref = _tv("vgg11", seed=6).eval()
     fused, report = fuse(ref, return_report=True)
-    assert [f.pattern for f in report.fused] == ["Conv2d -> ReLU"] * 8
+    assert [f.pattern for f in report.fused] == ["Conv2d -> ReLU"] * 8 + ["Linear -> ReLU"] * 2
     assert sum(isinstance(m, FusedConvReLU2d) for m in fused.modules()) == 8
     torchvision.models.vgg11(num_classes=10).load_state_dict(fused.state_dict())  # strict
     r = verify(fused, ref, _x(2, 3, 32, 32), modes=("eval", "train"), tol=TOL)

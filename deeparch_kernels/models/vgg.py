@@ -4,6 +4,7 @@
   without BN   each Conv2d + ReLU pair is FusedConvReLU2d + nn.Identity (one fused_conv2d)
   with BN      ``features`` is a FusedSequential of torch's Conv2d, BatchNorm2d, ReLU: each triple
                is one fused_conv2d (BN folded) in eval mode and torch's modules in training
+  classifier   torchvision's, its ReLUs ExactReLU (nn/relu.py: NaN kept under torch.compile)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torchvision.models import (VGG11_BN_Weights, VGG11_Weights, VGG13_BN_Weight
 from torchvision.models.vgg import VGG
 
 from ..nn.conv import FusedConvReLU2d
+from ..nn.relu import exact_relus_after_linears
 from ..nn.sequential import FusedSequential
 from . import _weights
 
@@ -61,6 +63,7 @@ def _vgg(cfg: str, batch_norm: bool, enum_cls: Type[WeightsEnum], weights, progr
         kwargs["init_weights"] = False
     _weights.set_num_classes(kwargs, weights)
     model = VGG(make_layers(CFGS[cfg], batch_norm, backend), **kwargs)
+    exact_relus_after_linears(model.classifier)  # NaN kept under torch.compile (nn/relu.py)
     return _weights.load(model, weights, progress)
 
 

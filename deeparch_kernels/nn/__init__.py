@@ -8,6 +8,8 @@ kernels: every fused computation is one call of ``deeparch_kernels.fused_conv2d`
                  FusedConvAddReLU2d  the same with the residual required: ``forward(x1, x2)``,
                                      like torch.ao.nn.intrinsic.ConvAddReLU2d
   add_relu.py    FusedAddReLU        ``relu(x + identity)`` (in place with ``inplace=True``)
+  relu.py        ExactReLU           nn.ReLU that torch.compile can't fold into oneDNN's linear
+                                     (whose ReLU post-op turns NaN into 0): after Linear layers
   folding.py     ConvBNFolding       the mixin behind the modules below: BatchNorm folded into
                                      the convolution in eval mode (FoldCache, fold_conv_bn,
                                      bn_scale_shift; when the fold is taken, and what it sees)
@@ -41,17 +43,19 @@ Convolutions fused_conv2d can't run (groups != 1, dilation != 1, non-zero paddin
 never given to it: the blocks and FusedSequential run them with torch; FusedConvReLU2d refuses
 them at construction (NotImplementedError).
 """
-from . import blocks, cifar, common, conv, folding, modules, sequential  # noqa: F401
+from . import blocks, cifar, common, conv, folding, modules, relu, sequential  # noqa: F401
 from .add_relu import FusedAddReLU
 from .blocks import FusedBasicBlock, FusedBottleneck
 from .cifar import FusedPlainBlock, ShortcutA
 from .common import unsupported_reason
 from .conv import FusedConvAddReLU2d, FusedConvReLU2d
+from .relu import ExactReLU
 from .folding import ConvBNFolding, FoldCache, bn_scale_shift, fold_conv_bn
 from .sequential import FusedSequential, get_backends, set_backend
 
 __all__ = [
     "ConvBNFolding",
+    "ExactReLU",
     "FoldCache",
     "FusedAddReLU",
     "FusedBasicBlock",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from ..testing import mismatch, unit_roundoff
 from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, check_dense, check_inplace_overlap, fx_proxy,
                    is_non_overlapping_and_dense, lib)
@@ -31,10 +31,27 @@ OP_ = "add_relu_"
 
 lib.define("add_relu(Tensor x, Tensor identity) -> Tensor")
 lib.define("add_relu_(Tensor(a!) x, Tensor identity) -> ()")
-# x.relu_(), opaque to torch.compile (csrc/cpu/add_relu.cpp, CPU only): ops/conv.py's epilogue
-# under inductor's freezing, which would otherwise fuse a ReLU into oneDNN's convolution as a
-# post-op and lose NaN.
+# x.relu_(), opaque to torch.compile (csrc/cpu/add_relu.cpp, CPU only): the ReLU after a
+# convolution (ops/conv.py's epilogue) or a linear (nn/relu.py ExactReLU) under inductor's
+# freezing, which would otherwise fuse it into oneDNN's op as a post-op and lose NaN.
 lib.define("relu_(Tensor(a!) x) -> ()")
+
+
+def inductor_folds_relu(*tensors) -> bool:
+    """torch.compile is tracing CPU inference (fp32 or bf16, no gradient needed for ``tensors``,
+    the op's inputs; None ones are skipped) with inductor's freezing on -- where it prepacks stock
+    convolutions (and bf16 linears) for oneDNN and folds a ReLU after them into oneDNN's post-op,
+    which turns NaN into 0 -- and deeparch::relu_, the ReLU it can't fold, is built."""
+    x = tensors[0]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _ext.cpu_reason():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(inductor_config.freezing) and torch.compiler.is_compiling()
 
 
 @torch.library.register_fake("deeparch::add_relu")

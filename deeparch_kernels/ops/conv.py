@@ -52,7 +52,7 @@ from ..testing import mismatch, unit_roundoff
 from . import conv_gemm, conv_winograd
 from ._lib import (HAS_TRITON, KERNEL_DTYPES, check, fx_proxy, int_pair, lib,
                    output_memory_format)
-from .add_relu import add_relu
+from .add_relu import add_relu, inductor_folds_relu
 
 OP = "fused_conv2d"
 _SCHEMA_ARGS = ("Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
@@ -564,26 +564,12 @@ def _key(x, weight, bias, residual, stride, padding, relu) -> tuple:
             bias is not None, residual is not None, relu, output_memory_format(x, weight))
 
 
-def _inductor_packs_cpu_convs(x, weight, bias, residual) -> bool:
-    """torch.compile is tracing CPU inference with inductor's freezing on (it then prepacks stock
-    convolutions for oneDNN, as our cpu backend does in eager) and the C++ epilogue ops exist."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _ext.cpu_reason():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return False
-    try:
-        from torch._inductor import config as inductor_config
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(inductor_config.freezing) and torch.compiler.is_compiling()
-
-
 def _dispatch(x, weight, bias, residual, stride, padding, relu, backend, fast):
     """The kernel path: validated arguments in the op's own form (4-D, one dtype, residual of
     the output's shape and dtype); the chosen implementation, remembered for ``fast``."""
     args = (x, weight, bias, residual, list(stride), list(padding), relu)
     if backend == "auto" and backends.is_tracing():
-        if _inductor_packs_cpu_convs(x, weight, bias, residual):
+        if inductor_folds_relu(x, weight, bias, residual):
             if _winograd_supports(*args) is None:
                 # a layer winograd may run: auto chooses when it runs (winograd, or oneDNN on the
                 # weight it prepacks, as inductor would), keeping what it derives from the weight.
