@@ -319,6 +319,25 @@ def test_kernel_refuses_a_wrong_transform_with_a_message(gen):
         conv_winograd.conv3x3(x, t, torch.ones(3), None, True)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_kernel_op_keeps_torch_library_contracts(m, gen):
+    """opcheck: schema, fake (the output's metadata, for FakeTensorMode and tracing) and the
+    dispatcher; the fake's output is the kernel's, shape, strides and dtype."""
+    x, w, b = _case(gen, 2, 12, 5, 7, 20)
+    t = conv_winograd.transform_weight(w, m)
+    r = randn(2, 20, 5, 7, gen=gen).contiguous(memory_format=CL)
+    op = torch.ops.deeparch.winograd_conv3x3.default
+    for args in ((x, t.u, b, r, 20, True, m, t.bound), (x, t.u, None, None, 20, False, m, t.bound)):
+        torch.library.opcheck(op, args)
+    y, ok = op(x, t.u, b, r, 20, True, m, t.bound)
+    assert ok and rel_err(y, _ref(x, w, b, r, True)) <= TOL
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fy, fok = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                       for a in (x, t.u, b, r, 20, True, m, t.bound)))
+    assert (fy.shape, fy.stride(), fy.dtype, fok) == (y.shape, y.stride(), y.dtype, True)
+
+
 def test_frozen_op_rebinds_for_another_bias_input_or_weight_write(gen):
     """fused_conv2d_frozen runs its call bound on the first only for the same bias tensor and
     inputs like the first's, and while the weight is unchanged: another bias, another input
