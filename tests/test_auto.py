@@ -164,6 +164,22 @@ def test_ours_must_beat_aten_by_the_margin(ms, want, monkeypatch, gen):
     assert list(backends.cached_choices().values()) == [want]
 
 
+@pytest.mark.parametrize("ms,want", [({"early": 0.95, "cpu": 0.94, "aten": 1.0}, "early"),  # a tie
+                                     ({"early": 0.95, "cpu": 0.90, "aten": 1.0}, "cpu"),
+                                     ({"early": 0.90, "cpu": 0.80, "aten": 0.82}, "aten")])
+def test_a_later_one_of_ours_must_beat_an_earlier_by_the_margin(ms, want, plug, monkeypatch, gen):
+    """Among ours, ties go to the earlier in the order (a plugin comes before "cpu"), as ties
+    with aten go to aten: the one chosen still has to beat aten by the margin."""
+    if not dk.available_backends("cpu")["cpu"].available:
+        pytest.skip("C++ extension not built")
+    plug("add_relu", "early", lambda x, y: torch.relu(x + y))
+    assert backends._order("add_relu", torch.device("cpu"))[:2] == ["early", "cpu"]
+    monkeypatch.setattr(backends, "_time", lambda device, spec, trusted, args:
+                        {n: ms[n] for n in trusted})
+    dk.add_relu(randn(10, gen=gen), randn(10, gen=gen))
+    assert list(backends.cached_choices().values()) == [want]
+
+
 def test_no_timing_takes_the_first_checked_candidate(plug, monkeypatch, gen):
     monkeypatch.setenv("DEEPARCH_AUTOTUNE", "0")
     plug("add_relu", "wrong", _wrong_add_relu)

@@ -63,23 +63,26 @@ def test_vgg_builders_and_fuse_use_it(gen):
     assert isinstance(fused.classifier[1], ExactReLU) and isinstance(fused.classifier[4], ExactReLU)
 
 
-def test_compiled_bf16_linear_relu_keeps_nan(gen, monkeypatch):
-    """inductor with freezing hands a bf16 Linear to oneDNN with the ReLU after it as a post-op,
-    which turns NaN into 0; with ExactReLU the compiled model puts NaN where eager does."""
+@pytest.mark.parametrize("dtype,dynamic", [(torch.bfloat16, False), (torch.bfloat16, True),
+                                           (torch.float32, True)])
+def test_compiled_linear_relu_keeps_nan(dtype, dynamic, gen, monkeypatch):
+    """inductor with freezing hands a bf16 Linear (and, with a dynamic batch, an fp32 one) to
+    oneDNN with the ReLU after it as a post-op, which turns NaN into 0; with ExactReLU the
+    compiled model puts NaN where eager does."""
     from torch._inductor import config as inductor_config
 
     if _ext.cpu_reason():
         pytest.skip(f"no deeparch CPU kernels: {_ext.cpu_reason()}")
     monkeypatch.setattr(inductor_config, "freezing", True)
-    x = randn(3, 64, gen=gen, dtype=torch.bfloat16)
+    x = randn(3, 64, gen=gen, dtype=dtype)
     x[1, 5] = float("nan")
 
     def run(relu):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 48), relu, nn.Linear(48, 16)).eval().to(torch.bfloat16)
+        model = nn.Sequential(nn.Linear(64, 48), relu, nn.Linear(48, 16)).eval().to(dtype)
         torch._dynamo.reset()
         with torch.no_grad():
-            return model(x), torch.compile(model)(x)
+            return model(x), torch.compile(model, dynamic=dynamic)(x)
 
     want, stock = run(nn.ReLU())
     assert bool(want[1].isnan().all()) and not bool(want[0].isnan().any())
