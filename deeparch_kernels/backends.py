@@ -36,10 +36,11 @@ plugged in with ``register`` come first unless the op's order places them), and:
      interleaved calls; the median) and takes ours only when it is faster than ``aten`` by
      ``MARGIN`` (3%): ties go to stock PyTorch; among ours, one later in the order replaces an
      earlier one only when faster by ``MARGIN`` too (ties go to the earlier: on the CPU the
-     general ``cpu`` before the specialised ``winograd`` and ``gemm``: profiled in ResNet-50
-     at batch 1, where the weights come from memory, ``gemm`` was 4-40% slower than ``cpu`` on
-     most of the 1x1 layers it had won or tied alone, with the caches warm). ``DEEPARCH_AUTOTUNE=0`` times nothing (the first
-     verified candidate in the order is taken, after its check);
+     general ``cpu`` before the specialised ``winograd`` and ``gemm``; profiled in ResNet-50
+     at batch 1, where the weights come from memory, ``gemm`` was slower than ``cpu`` on 10 of
+     the 12 1x1 shapes it had won alone with the caches warm, by 2-41%).
+     ``DEEPARCH_AUTOTUNE=0`` times nothing (the first verified candidate in the order is taken,
+     after its check);
   3. remembers the choice (and the exclusions) in memory (bounded) and on disk, per machine and
      software versions (``choice_cache``), so a model's first forward on a known machine neither
      verifies nor times again.
