@@ -150,3 +150,10 @@ def cpu_kernel_inputs(x: torch.Tensor, residual: Optional[torch.Tensor], bias: O
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     return x, residual, bias
+
+
+def cpu_kernel_output(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """An empty (N, out_channels, H, W) tensor like the one our C++ CPU conv kernels (winograd,
+    gemm) allocate for their output: x's dtype and device, channels_last (their fakes use it)."""
+    return torch.empty((x.shape[0], out_channels, x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._lib import cpu_kernel_inputs, lib
+from ._lib import cpu_kernel_inputs, cpu_kernel_output, lib
 
 lib.define("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, Tensor? residual, int k, bool relu, "
            "int tile, float bound) -> (Tensor, bool)")
@@ -37,8 +37,7 @@ def _fake(x, u, bias, residual, k, relu, tile, bound):
     (its output is then the convolution's, with exactly this metadata); where it would not,
     ``conv3x3``'s caller runs the direct convolution, whose output has the same metadata."""
     torch._check(tile in (2, 4), lambda: f"winograd_conv3x3: tile must be 2 or 4, got {tile}")
-    y = x.new_empty((x.shape[0], k, x.shape[2], x.shape[3]))
-    return y.contiguous(memory_format=torch.channels_last), True
+    return cpu_kernel_output(x, k), True
 
 # G of F(m x m, 3x3), exact (the kernel's B^T and A^T are on the same points): U = G g G^T.
 _G = {
