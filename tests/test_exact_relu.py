@@ -26,7 +26,9 @@ def test_eager_is_torch_relu_bit_for_bit(gen, dtype, inplace):
     x = _specials(gen, dtype)
     want = torch.relu(x)
     arg = x.clone()
+    version = arg._version
     out = ExactReLU(inplace=inplace)(arg)
+    assert (arg._version > version) == inplace  # an in-place ReLU bumps the version counter
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(torch.where(want.isnan(), 0, out).signbit(), torch.where(want.isnan(), 0, want).signbit())
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
@@ -51,6 +53,18 @@ def test_swapped_in_after_linears_only_keeping_hooks(gen):
     assert out.shape == (4, 3)
     gm = torch.fx.symbolic_trace(seq)  # traced as torch's relu
     torch.testing.assert_close(gm(x), out, rtol=0, atol=0)
+
+
+def test_exports_with_a_dynamic_batch_keeping_nan(gen):
+    """torch.export records it as torch's relu, for any batch size: the exported program gives
+    eager's result, NaN where eager puts it."""
+    model = nn.Sequential(nn.Linear(16, 12), ExactReLU(), nn.Linear(12, 5)).eval()
+    x = randn(3, 16, gen=gen)
+    x[1, 4] = float("nan")
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert torch.ops.aten.relu.default in [n.target for n in ep.graph.nodes]
+    for xx in (x, torch.cat([x, randn(4, 16, gen=gen)])):
+        torch.testing.assert_close(ep.module()(xx), model(xx), rtol=0, atol=0, equal_nan=True)
 
 
 def test_vgg_builders_and_fuse_use_it(gen):
