@@ -33,28 +33,56 @@ inline V8 relu_keep_nan(V8 v) {
   return _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));  // NaN < 0 is false
 }
 
-// sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < 6 (k < kc), handed to epi(r, lo, hi)
-// (the row's columns 0-7 and 8-15): 12 accumulators, two vectors of b and one broadcast of a per
-// row and k. The loops unroll fully and the accumulators live in registers (checked in the object
-// code: no spills) -- so they are locals here, never written through a reference or pointer,
-// which made the compiler store them every iteration (measured: half the FMA rate).
-template <class Epi>
-__attribute__((always_inline)) inline void micro_6x16(const float* a, int64_t lda, const float* b,
-                                                      int64_t kc, Epi&& epi) {
-  V8 acc[MR][2];
+// sum_k a[r * lda + k] * b[k * 16 : k * 16 + 16] for r < R <= 6 (k < kc), handed to epi(r, lo,
+// hi) (the row's columns 0-7 and 8-15): 2R accumulators, two vectors of b and one broadcast of a
+// per row and k (R < 6: a GEMM's last rows, without computing padding rows). The loops unroll
+// fully and the accumulators live in registers (checked in the object code: no spills) -- so
+// they are locals here, never written through a reference or pointer, which made the compiler
+// store them every iteration (measured: half the FMA rate).
+//
+// pf, npf: the first npf 64-byte lines from pf are prefetched into L1, one per k (k < npf), for
+// the caller's next b panel: a panel read from memory otherwise stalls its first micro-kernel.
+template <int R, class Epi>
+__attribute__((always_inline)) inline void micro_rx16(const float* a, int64_t lda, const float* b,
+                                                      int64_t kc, Epi&& epi,
+                                                      const float* pf = nullptr, int64_t npf = 0) {
+  static_assert(R >= 1 && R <= MR, "1 to 6 rows");
+  V8 acc[R][2];
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, b += NR) {
+    if (k < npf) _mm_prefetch(reinterpret_cast<const char*>(pf + k * NR), _MM_HINT_T0);
     const V8 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < R; ++r) {
       const V8 t = _mm256_broadcast_ss(a + r * lda + k);
       acc[r][0] = fma(t, b0, acc[r][0]);
       acc[r][1] = fma(t, b1, acc[r][1]);
     }
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) epi(r, acc[r][0], acc[r][1]);
+  for (int r = 0; r < R; ++r) epi(r, acc[r][0], acc[r][1]);
+}
+
+template <class Epi>
+__attribute__((always_inline)) inline void micro_6x16(const float* a, int64_t lda, const float* b,
+                                                      int64_t kc, Epi&& epi,
+                                                      const float* pf = nullptr, int64_t npf = 0) {
+  micro_rx16<MR>(a, lda, b, kc, static_cast<Epi&&>(epi), pf, npf);
+}
+
+// micro_rx16 for rows = 1..6 rows (a GEMM's last rows).
+template <class Epi>
+inline void micro_tail(int64_t rows, const float* a, int64_t lda, const float* b, int64_t kc,
+                       Epi&& epi, const float* pf = nullptr, int64_t npf = 0) {
+  switch (rows) {
+    case 1: micro_rx16<1>(a, lda, b, kc, epi, pf, npf); break;
+    case 2: micro_rx16<2>(a, lda, b, kc, epi, pf, npf); break;
+    case 3: micro_rx16<3>(a, lda, b, kc, epi, pf, npf); break;
+    case 4: micro_rx16<4>(a, lda, b, kc, epi, pf, npf); break;
+    case 5: micro_rx16<5>(a, lda, b, kc, epi, pf, npf); break;
+    default: micro_rx16<6>(a, lda, b, kc, epi, pf, npf); break;
+  }
 }
 
 }  // namespace avx2
