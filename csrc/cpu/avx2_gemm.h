@@ -48,14 +48,18 @@ __attribute__((always_inline)) inline void micro_rx16(const float* a, int64_t ld
                                                       const float* pf = nullptr, int64_t npf = 0) {
   static_assert(R >= 1 && R <= MR, "1 to 6 rows");
   V8 acc[R][2];
+  const float* row[R];  // one pointer a row: each broadcast is then [row + 4k], no arithmetic
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    row[r] = a + r * lda;
+  }
   for (int64_t k = 0; k < kc; ++k, b += NR) {
     if (k < npf) _mm_prefetch(reinterpret_cast<const char*>(pf + k * NR), _MM_HINT_T0);
     const V8 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const V8 t = _mm256_broadcast_ss(a + r * lda + k);
+      const V8 t = _mm256_broadcast_ss(row[r] + k);
       acc[r][0] = fma(t, b0, acc[r][0]);
       acc[r][1] = fma(t, b1, acc[r][1]);
     }
