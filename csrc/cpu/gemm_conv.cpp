@@ -72,18 +72,16 @@ void gemm_range(const float* x, const float* u, const float* bias, const float* 
     // The next panel (C lines) is prefetched over this panel's row blocks, a share each: with
     // few rows (7x7, 14x14 at batch 1) the panels come from memory and would stall each start.
     const float* next = kb + 1 < kb1 ? ub + C * NR : nullptr;
-    const int64_t share = (C + (r1 - r0 + MR - 1) / MR - 1) / ((r1 - r0 + MR - 1) / MR);
+    const int64_t blocks = std::max<int64_t>(1, (r1 - r0 + MR - 1) / MR), share = (C + blocks - 1) / blocks;
     for (int64_t r = r0, blk = 0; r < r1; r += MR, ++blk) {
-      const int64_t p0 = std::min(C, blk * share);
-      const float* pf = next ? next + p0 * NR : nullptr;
-      const int64_t npf = next ? std::min(C, p0 + share) - p0 : 0;
+      const Prefetch pf = Prefetch::panel(next, C, blk * share, share);
       if (r + MR <= P) {
-        micro_6x16(x + r * C, C, ub, C, [&](int i, V8 v0, V8 v1) { store(r + i, v0, v1); }, pf, npf);
+        micro_6x16(x + r * C, C, ub, C, [&](int i, V8 v0, V8 v1) { store(r + i, v0, v1); }, pf);
       } else {  // the last rows: the block ending at row P (P >= MR), its rows before r dropped
         const int64_t b = P - MR;
         micro_6x16(x + b * C, C, ub, C, [&](int i, V8 v0, V8 v1) {
           if (b + i >= r) store(b + i, v0, v1);
-        }, pf, npf);
+        }, pf);
       }
     }
   }

@@ -8,9 +8,10 @@
 //   V = B^T d B   per input tile and channel, 8 channels to a vector (channels_last: contiguous)
 //   M = V U       A*A GEMMs (tiles x C) @ (C x K): a 6x16 register-blocked FMA micro-kernel
 //                 (a smaller one for the last rows), each 16-channel panel of U prefetched
-//                 while the one before it runs: at batch 1 (few tiles) U comes from memory and
-//                 outweighs the products (measured: 17-29% faster on ResNet's 128-512 channel
-//                 layers with U read from memory, 512@7x7 now faster than oneDNN's direct)
+//                 while the one before it runs (avx2_gemm.h Prefetch): at batch 1 (few tiles)
+//                 U comes from memory and outweighs the products (measured with U read from
+//                 memory, batch 1, against neither: 128@28x28 1.5x, 256@14x14 1.7x, 512@7x7
+//                 1.75x faster, in medians of alternating processes; 512@7x7 now beats oneDNN)
 //   Y = A^T M A   per tile, + bias, + residual, ReLU (NaN kept), written to the output
 //
 // Tiles go in chunks sized so that a chunk's V and M stay in cache: for narrow layers with many
@@ -166,7 +167,7 @@ bool input_tiles(const float* x, float* V, int64_t ldv, const Shape s, int64_t t
 inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, int64_t ldm,
                        int64_t C, int64_t Cp, int64_t KB, int64_t Kp, int64_t nt, int64_t b,
                        int64_t e) {
-  const int64_t blocks = (nt + MR - 1) / MR, share = (C + blocks - 1) / blocks;
+  const int64_t blocks = std::max<int64_t>(1, (nt + MR - 1) / MR), share = (C + blocks - 1) / blocks;
   for (int64_t task = b; task < e; ++task) {
     const int64_t a = task / KB, kb = task % KB;
     const float* ub = u + (a * KB + kb) * C * NR;
@@ -178,13 +179,11 @@ inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, i
         _mm256_storeu_ps(c + i * Kp, lo);
         _mm256_storeu_ps(c + i * Kp + 8, hi);
       };
-      const int64_t p0 = std::min(C, blk * share);
-      const float* pf = next ? next + p0 * NR : nullptr;
-      const int64_t npf = next ? std::min(C, p0 + share) - p0 : 0;
+      const Prefetch pf = Prefetch::panel(next, C, blk * share, share);
       if (r + MR <= nt) {
-        micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, store, pf, npf);
+        micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, store, pf);
       } else {
-        micro_tail(nt - r, V + a * ldv + r * Cp, Cp, ub, C, store, pf, npf);
+        micro_tail(nt - r, V + a * ldv + r * Cp, Cp, ub, C, store, pf);
       }
     }
   }
