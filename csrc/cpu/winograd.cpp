@@ -10,8 +10,8 @@
 //                 (a smaller one for the last rows), each 16-channel panel of U prefetched
 //                 while the one before it runs (avx2_gemm.h Prefetch): at batch 1 (few tiles)
 //                 U comes from memory and outweighs the products (measured with U read from
-//                 memory, batch 1, against neither: 128@28x28 1.5x, 256@14x14 1.7x, 512@7x7
-//                 1.75x faster, in medians of alternating processes; 512@7x7 now beats oneDNN)
+//                 memory, batch 1, against neither, medians of alternating processes in two
+//                 steps: 128@28x28 1.3x, 256@14x14 1.5x, 512@7x7 1.55x; 512@7x7 now beats oneDNN)
 //   Y = A^T M A   per tile, + bias, + residual, ReLU (NaN kept), written to the output
 //
 // Tiles go in chunks sized so that a chunk's V and M stay in cache: for narrow layers with many
