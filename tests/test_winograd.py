@@ -51,6 +51,7 @@ def _case(gen, n, c, h, w_, k, bias=True):
                                         (3, 5, 9, 6, 7), (1, 32, 14, 13, 16), (2, 8, 2, 3, 5),
                                         (1, 64, 11, 10, 48), (2, 21, 6, 9, 33),
                                         (1, 24, 10, 2, 20), (1, 40, 4, 20, 36),  # 5 last rows
+                                        (1, 144, 6, 7, 40),  # U prefetched into L2
                                         (2, 64, 41, 38, 64)])  # threads on chunks of their own
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("relu", [True, False])
