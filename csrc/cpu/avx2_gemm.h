@@ -41,20 +41,33 @@ inline V8 relu_keep_nan(V8 v) {
 // store them every iteration (measured: half the FMA rate).
 //
 // pf: the first pf.n 64-byte lines from pf.p are prefetched, one per k (k < pf.n), for the
-// caller's next b panel (a panel read from memory otherwise stalls its first micro-kernel): into
-// L1 for panels of up to 128 channels (8 KB), else into L2, where they don't evict the panel in
-// use from the 32 KB L1 (measured on Zen 4, U read from memory: 256@14x14 and 512@7x7 Winograd
-// layers 1.15-1.2x faster with L2, the 64-128 channel ones 1.05-1.15x slower).
+// caller's next b panel (a panel read from memory otherwise stalls its first micro-kernel).
 struct Prefetch {
   const float* p = nullptr;
   int64_t n = 0;
   bool l2 = false;
-  static Prefetch panel(const float* next, int64_t C, int64_t first, int64_t count) {
-    if (!next) return {};
-    const int64_t lo = std::min(C, first);
-    return {next + lo * NR, std::min(C, lo + count) - lo, C > 128};
-  }
 };
+
+// The prefetch of a GEMM's next b panel (C lines; none when next is null) as shared out over the
+// row blocks of the current one: block blk takes lines [blk share, (blk + 1) share), share =
+// panel_share(C, rows). Into L1 for panels of up to kL1PanelChannels (8 KB), else into L2, where
+// a 16-32 KB panel doesn't evict the panel in use from the 32 KB L1 (measured on Zen 4, U read
+// from memory, against L1 for every width: Winograd 256@14x14 1.2-1.35x and 512@7x7 1.1x
+// faster; L2 for every width made the 64-128 channel layers 1.05-1.17x slower). (Plain
+// functions of values: with an object holding them, GCC stopped giving the Winograd GEMM's loop
+// a prefetch-free copy, 31 instructions a k instead of 25, seen in the object code.)
+constexpr int64_t kL1PanelChannels = 128;
+
+inline int64_t panel_share(int64_t C, int64_t rows) {
+  const int64_t blocks = std::max<int64_t>(1, (rows + MR - 1) / MR);
+  return (C + blocks - 1) / blocks;
+}
+
+inline Prefetch next_panel_block(const float* next, int64_t C, int64_t share, int64_t blk) {
+  if (!next) return {};
+  const int64_t lo = std::min(C, blk * share);
+  return {next + lo * NR, std::min(C, lo + share) - lo, C > kL1PanelChannels};
+}
 
 template <int R, class Epi>
 __attribute__((always_inline)) inline void micro_rx16(const float* a, int64_t lda, const float* b,

@@ -72,9 +72,9 @@ void gemm_range(const float* x, const float* u, const float* bias, const float* 
     // The next panel (C lines) is prefetched over this panel's row blocks, a share each: with
     // few rows (7x7, 14x14 at batch 1) the panels come from memory and would stall each start.
     const float* next = kb + 1 < kb1 ? ub + C * NR : nullptr;
-    const int64_t blocks = std::max<int64_t>(1, (r1 - r0 + MR - 1) / MR), share = (C + blocks - 1) / blocks;
+    const int64_t share = panel_share(C, r1 - r0);
     for (int64_t r = r0, blk = 0; r < r1; r += MR, ++blk) {
-      const Prefetch pf = Prefetch::panel(next, C, blk * share, share);
+      const Prefetch pf = next_panel_block(next, C, share, blk);
       if (r + MR <= P) {
         micro_6x16(x + r * C, C, ub, C, [&](int i, V8 v0, V8 v1) { store(r + i, v0, v1); }, pf);
       } else {  // the last rows: the block ending at row P (P >= MR), its rows before r dropped

@@ -167,7 +167,7 @@ bool input_tiles(const float* x, float* V, int64_t ldv, const Shape s, int64_t t
 inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, int64_t ldm,
                        int64_t C, int64_t Cp, int64_t KB, int64_t Kp, int64_t nt, int64_t b,
                        int64_t e) {
-  const int64_t blocks = std::max<int64_t>(1, (nt + MR - 1) / MR), share = (C + blocks - 1) / blocks;
+  const int64_t share = panel_share(C, nt);
   for (int64_t task = b; task < e; ++task) {
     const int64_t a = task / KB, kb = task % KB;
     const float* ub = u + (a * KB + kb) * C * NR;
@@ -179,7 +179,7 @@ inline void gemm_tasks(const float* V, int64_t ldv, const float* u, float* Mb, i
         _mm256_storeu_ps(c + i * Kp, lo);
         _mm256_storeu_ps(c + i * Kp + 8, hi);
       };
-      const Prefetch pf = Prefetch::panel(next, C, blk * share, share);
+      const Prefetch pf = next_panel_block(next, C, share, blk);
       if (r + MR <= nt) {
         micro_6x16(V + a * ldv + r * Cp, Cp, ub, C, store, pf);
       } else {
